@@ -1,0 +1,23 @@
+# Two entry points for a fresh machine; each installs what it needs first.
+#   make bench   the main job: `layerfreeze bench` on its bundled default
+#   make test    the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.layerfreeze-installed
+
+.PHONY: bench test install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[all,test]"
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(VENV)/bin/layerfreeze bench
+
+test: $(STAMP)
+	$(PY) -m pytest -q

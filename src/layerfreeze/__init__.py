@@ -1,0 +1,32 @@
+"""layerfreeze: progressive layer freezing for PyTorch, exact and resumable.
+
+Example:
+    >>> import torch, layerfreeze as lf
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> freezing = lf.LayerFreezing(freeze_start=0.5).attach(net, opt, total_steps=10, steps_per_epoch=5)
+"""
+
+from . import policies
+from .algorithm import LAYERS_FROZEN, PARAMS_FROZEN, PERCENTAGE_FROZEN, LayerFreezing
+from .freezer import Freezer, freeze_parameters
+from .functional import freeze_layers
+from .layers import Layer, definition_order, execution_order, layer_flops
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "freeze_layers",
+    "LayerFreezing",
+    "policies",
+    "Freezer",
+    "freeze_parameters",
+    "Layer",
+    "definition_order",
+    "execution_order",
+    "layer_flops",
+    "LAYERS_FROZEN",
+    "PERCENTAGE_FROZEN",
+    "PARAMS_FROZEN",
+    "__version__",
+]

@@ -1,0 +1,470 @@
+"""``LayerFreezing``: decides when to freeze; the freezer does it.
+
+Trainer-agnostic. A plain loop calls :meth:`LayerFreezing.step` after each
+optimizer step (like an LR scheduler); trainer integrations translate their
+events into :meth:`step` and :meth:`epoch_end` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import distributed
+from .freezer import (
+    BATCHNORM_MODES,
+    SHARED_RULES,
+    Freezer,
+    check_choice,
+    summarize,
+    validate_model,
+    validate_optimizers,
+)
+from .layers import ExecutionTracer, Layer, definition_order, execution_order, layer_flops
+from .policies import Context, Linear, Policy, Progress
+
+__all__ = ["LayerFreezing", "LAYERS_FROZEN", "PERCENTAGE_FROZEN", "PARAMS_FROZEN"]
+
+log = logging.getLogger("layerfreeze")
+
+# Composer's metric names, so dashboards keep working when switching.
+LAYERS_FROZEN = "layer_freezing/layers_frozen"
+PERCENTAGE_FROZEN = "layer_freezing/percentage_frozen"
+PARAMS_FROZEN = "layer_freezing/params_frozen"
+
+INTERVALS = ("epoch", "step")
+ORDERS = ("definition", "execution")
+_STATE_FORMAT = 1
+_STATE_KEYS = ("format", "step", "epoch", "depth", "fraction", "changes", "layers", "frozen", "policy")
+
+
+def _positive_int(name: str, value: object, *, optional: bool = False) -> Optional[int]:
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        accepted = "a positive int or None" if optional else "a positive int"
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+    return value
+
+
+def _as_runner(example_inputs: Any) -> Callable[[nn.Module], Any]:
+    if isinstance(example_inputs, tuple):
+        return lambda m: m(*example_inputs)
+    if isinstance(example_inputs, Mapping):
+        return lambda m: m(**example_inputs)
+    return lambda m: m(example_inputs)
+
+
+class LayerFreezing:
+    """Progressively freeze the leading layers of a model during training.
+
+    With the defaults this is Composer's ``LayerFreezing``: at each epoch end the
+    first ``int(fraction * (layers - 1))`` layers are frozen, where ``fraction``
+    grows linearly from 0 at ``freeze_start`` to ``freeze_level`` at the end.
+    Freezing is complete (see :mod:`layerfreeze.freezer`) and the whole state
+    checkpoints by parameter name, so runs resume exactly.
+
+    Args:
+        freeze_start: fraction of training before freezing begins, in [0, 1]. Default 0.5.
+        freeze_level: fraction of layers frozen at the end, in [0, 1]. Default 1.0.
+        interval: ``"epoch"`` decides at epoch ends (Composer); ``"step"`` after
+            every optimizer step, so a one-epoch fine-tune freezes too.
+        order: ``"definition"`` (Composer) or ``"execution"``: layers in the order
+            the first forward pass runs them.
+        batchnorm: ``"train"`` lets frozen BatchNorm layers keep updating their
+            running statistics (Composer); ``"eval"`` pins them in eval mode, even
+            through ``model.train()``.
+        shared: rule for a parameter held by several layers (tied weights):
+            ``"freeze"`` (Composer) freezes it with the first frozen layer holding it;
+            ``"trainable"`` keeps it trainable while any holder is trainable.
+        policy: a :class:`layerfreeze.policies.Policy`; default ``Linear(freeze_start,
+            freeze_level, measure)``. Pass either a policy or the schedule knobs.
+        measure: ``"layers"`` or ``"flops"`` (cost-aware: the fraction counts forward
+            FLOPs; needs ``example_inputs`` at attach).
+        max_changes: at most this many changes of the frozen set (bounds
+            ``torch.compile`` recompilations); None for no bound.
+        log_fn: called with a dict of metrics at every decision, for a trainer's logger.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> freezing = LayerFreezing(freeze_start=0.0, interval="step").attach(net, opt, total_steps=4)
+        >>> for _ in range(4):
+        ...     net(torch.randn(3, 4)).sum().backward(); opt.step(); opt.zero_grad(); freezing.step()
+        >>> freezing.frozen_depth
+        2
+    """
+
+    def __init__(
+        self,
+        freeze_start: float = 0.5,
+        freeze_level: float = 1.0,
+        interval: str = "epoch",
+        order: str = "definition",
+        batchnorm: str = "train",
+        shared: str = "freeze",
+        policy: Optional[Policy] = None,
+        measure: str = "layers",
+        max_changes: Optional[int] = None,
+        log_fn: Optional[Callable[[dict[str, float]], None]] = None,
+    ):
+        if policy is None:
+            policy = Linear(freeze_start, freeze_level, measure)
+        else:
+            if not isinstance(policy, Policy):
+                raise TypeError(f"policy must be a layerfreeze.policies.Policy, got {type(policy).__name__}")
+            if (freeze_start, freeze_level, measure) != (0.5, 1.0, "layers"):
+                raise ValueError(
+                    "pass either policy=... or freeze_start/freeze_level/measure, not both; "
+                    "set the schedule on the policy itself"
+                )
+        self.interval = check_choice("interval", interval, INTERVALS)
+        self.order = check_choice("order", order, ORDERS)
+        self.batchnorm = check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
+        self.shared = check_choice("shared", shared, SHARED_RULES)
+        self.max_changes = _positive_int("max_changes", max_changes, optional=True)
+        if log_fn is not None and not callable(log_fn):
+            raise TypeError(f"log_fn must be callable, got {type(log_fn).__name__}")
+        self.policy = policy
+        self.log_fn = log_fn
+        self._attached = False
+        self._pending_state: Optional[dict[str, Any]] = None
+        self._tracer: Optional[ExecutionTracer] = None
+        self._freezer: Optional[Freezer] = None
+        self._wrapper: Optional[nn.Module] = None
+        self._step = 0
+        self._epoch = 0
+        self._fraction = 0.0
+        self._changes = 0
+        self._clipped_warned = False
+
+    # -- lifecycle ---------------------------------------------------------
+    def attach(
+        self,
+        model: nn.Module,
+        optimizers: Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]],
+        total_steps: int,
+        steps_per_epoch: Optional[int] = None,
+        example_inputs: Any = None,
+    ) -> "LayerFreezing":
+        """Bind to a model and its optimizers; returns ``self``.
+
+        Args:
+            model: the model, possibly wrapped in DistributedDataParallel.
+            optimizers: one optimizer or a list of them.
+            total_steps: optimizer steps in the whole run (> 0).
+            steps_per_epoch: with ``interval="epoch"``, epoch ends are counted from
+                it; when None, from calls to :meth:`epoch_end`.
+            example_inputs: a batch (tensor, tuple of args, or dict of kwargs) used to
+                trace execution order and measure FLOPs up front; buffers are
+                restored afterwards. Without it, ``order="execution"`` traces the
+                first training forward pass.
+
+        Raises:
+            TypeError, ValueError: for bad arguments, checked in signature order
+                before anything changes.
+            RuntimeError: when already attached.
+        """
+        if self._attached:
+            raise RuntimeError("this LayerFreezing is already attached; call detach() first")
+        inner = validate_model(model)
+        optimizer_list = validate_optimizers(model, optimizers)
+        _positive_int("total_steps", total_steps)
+        _positive_int("steps_per_epoch", steps_per_epoch, optional=True)
+        if self.policy.needs_costs and example_inputs is None:
+            raise ValueError("example_inputs is required with measure='flops' (the policy counts layer FLOPs)")
+
+        layers = definition_order(inner)
+        if len(layers) < 2:
+            log.warning(
+                "layerfreeze: %s has %d layer(s); the last layer is never frozen, so nothing "
+                "will freeze", type(inner).__name__, len(layers),
+            )
+        run = _as_runner(example_inputs) if example_inputs is not None else None
+        if self.order == "execution" and self._pending_state is None:
+            if run is not None:
+                layers = execution_order(inner, run)
+            else:
+                self._tracer = ExecutionTracer(inner, layers)
+        costs = layer_flops(inner, layers, run) if run is not None else None
+
+        self._wrapper = model
+        self._freezer = Freezer(inner, optimizer_list, layers, batchnorm=self.batchnorm, shared=self.shared)
+        self._context = Context(inner, optimizer_list, layers, costs)
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.policy.bind(self._context)
+        self._attached = True
+        self._warn_if_nothing_freezes()
+        if self._pending_state is not None:
+            pending, self._pending_state = self._pending_state, None
+            try:
+                self.load_state_dict(pending)
+            except Exception:
+                self.detach()
+                raise
+        return self
+
+    def detach(self) -> None:
+        """Unfreeze everything this object froze and remove its hooks."""
+        if self._tracer is not None:
+            self._tracer.remove()
+            self._tracer = None
+        if self._freezer is not None:
+            self._freezer.release()
+            distributed.on_trainable_change(self._wrapper)
+        self.policy.release()
+        self._freezer = None
+        self._attached = False
+
+    # -- events ------------------------------------------------------------
+    def step(self) -> None:
+        """Record one optimizer step; call it right after ``optimizer.step()``."""
+        self._require_attached("step")
+        self._step += 1
+        self.policy.after_step(self._progress())
+        if self.interval == "step":
+            self._decide()
+        elif self.steps_per_epoch is not None and self._step % self.steps_per_epoch == 0:
+            self._epoch += 1
+            self._decide()
+
+    def epoch_end(self) -> None:
+        """Record the end of an epoch (what trainer integrations call)."""
+        self._require_attached("epoch_end")
+        if self.steps_per_epoch is None:
+            self._epoch += 1
+        if self.interval == "epoch":
+            self._decide()
+
+    def set_depth(self, depth: int) -> None:
+        """Freeze exactly the first ``depth`` layers now (smaller depths unfreeze).
+
+        Unfrozen parameters go back into their original param groups, with fresh
+        optimizer state. The policy takes over again at its next decision, so to
+        keep a smaller depth use a policy that asks for it.
+        """
+        self._require_attached("set_depth")
+        self._resolve_layers()
+        count = len(self._freezer.layers)
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= max(count - 1, 0):
+            raise ValueError(f"depth must be an int in [0, {max(count - 1, 0)}], got {depth!r}")
+        self._apply(depth)
+
+    # -- state -------------------------------------------------------------
+    @property
+    def frozen_depth(self) -> int:
+        """Number of leading layers frozen now."""
+        return self._freezer.depth if self._freezer is not None else 0
+
+    @property
+    def frozen_fraction(self) -> float:
+        """The policy's fraction at the last decision (Composer's ``percentage_frozen``)."""
+        return self._fraction
+
+    @property
+    def layers(self) -> list[Layer]:
+        """Layers in freeze order (after tracing, for ``order="execution"``)."""
+        self._require_attached("layers")
+        return list(self._freezer.layers)
+
+    @property
+    def frozen_parameters(self) -> list[str]:
+        """Qualified names of the parameters frozen now."""
+        return sorted(self._freezer.frozen_names) if self._freezer is not None else []
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Current values under Composer's keys, plus the count of frozen parameters."""
+        return {
+            LAYERS_FROZEN: self.frozen_depth,
+            PERCENTAGE_FROZEN: self._fraction,
+            PARAMS_FROZEN: len(self.frozen_parameters),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly, as plain data keyed by parameter names."""
+        self._require_attached("state_dict")
+        self._resolve_layers()
+        return {
+            "format": _STATE_FORMAT,
+            "step": self._step,
+            "epoch": self._epoch,
+            "depth": self._freezer.depth,
+            "fraction": self._fraction,
+            "changes": self._changes,
+            "layers": [layer.name for layer in self._freezer.layers],
+            "frozen": sorted(self._freezer.frozen_names),
+            "policy": self.policy.state_dict(),
+            "config": {
+                "interval": self.interval,
+                "order": self.order,
+                "batchnorm": self.batchnorm,
+                "shared": self.shared,
+                "total_steps": self.total_steps,
+                **self.policy.describe(),
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`.
+
+        Call it after :meth:`attach` and BEFORE ``optimizer.load_state_dict``: it
+        takes the frozen parameters out of the param groups so that the groups
+        have the sizes the saved optimizer state expects. Called before attach,
+        the state is kept and applied by attach.
+
+        Raises:
+            ValueError: if ``state`` is malformed or comes from a different model;
+                nothing changes then.
+        """
+        state = self._check_state(state)
+        if not self._attached:
+            self._pending_state = dict(state)
+            return
+        by_name = {layer.name: layer for layer in definition_order(self._freezer.model)}
+        missing = [name for name in state["layers"] if name not in by_name]
+        extra = sorted(set(by_name) - set(state["layers"]))
+        if missing or extra or len(state["layers"]) != len(by_name):
+            detail = f"it names layer {missing[0]!r}, which this model lacks" if missing else (
+                f"this model has layer(s) it does not name: {summarize(extra)}")
+            raise ValueError(f"state_dict does not match this model: {detail}")
+        unknown = sorted(set(state["frozen"]) - set(dict(self._freezer.model.named_parameters())))
+        if unknown:
+            raise ValueError(
+                f"state_dict does not match this model: it freezes parameter {unknown[0]!r}, "
+                "which this model lacks"
+            )
+        depth = state["depth"]
+        if not 0 <= depth <= max(len(by_name) - 1, 0):
+            raise ValueError(f"state_dict does not match this model: depth {depth} with {len(by_name)} layers")
+        saved_total = state.get("config", {}).get("total_steps")
+        if saved_total is not None and saved_total != self.total_steps:
+            log.warning(
+                "layerfreeze: resuming with total_steps=%d, but the checkpoint was made with %d; "
+                "the schedule continues on the new length", self.total_steps, saved_total,
+            )
+        self.policy.load_state_dict(state["policy"])
+        if self._tracer is not None:
+            self._tracer.remove()
+            self._tracer = None
+        layers = [by_name[name] for name in state["layers"]]
+        self._freezer.layers = layers
+        self._context.layers = layers
+        self._freezer.apply_names(set(state["frozen"]), depth)
+        self._step, self._epoch = state["step"], state["epoch"]
+        self._fraction, self._changes = state["fraction"], state["changes"]
+        distributed.on_trainable_change(self._wrapper)
+
+    # -- internals ---------------------------------------------------------
+    @staticmethod
+    def _check_state(state: Any) -> Mapping[str, Any]:
+        if not isinstance(state, Mapping):
+            raise ValueError(
+                f"state_dict must be a dict from LayerFreezing.state_dict(), got {type(state).__name__}"
+            )
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(
+                f"state_dict is not from LayerFreezing.state_dict(): missing key {missing[0]!r}"
+            )
+        if state["format"] != _STATE_FORMAT:
+            raise ValueError(f"state_dict format {state['format']!r} is not supported (expected {_STATE_FORMAT})")
+        for key in ("step", "epoch", "depth", "changes"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+                raise ValueError(f"state_dict[{key!r}] must be a non-negative int, got {state[key]!r}")
+        return state
+
+    def _require_attached(self, what: str) -> None:
+        if not self._attached:
+            raise RuntimeError(
+                f"{what}() called before attach(); call freezing.attach(model, optimizers, total_steps) first"
+            )
+
+    def _progress(self) -> Progress:
+        duration = self._step / self.total_steps
+        if duration > 1.0:
+            if not self._clipped_warned:
+                self._clipped_warned = True
+                log.warning(
+                    "layerfreeze: %d steps done but total_steps=%d; progress is held at 1.0. "
+                    "Pass the run's real number of optimizer steps to attach()", self._step, self.total_steps,
+                )
+            duration = 1.0
+        return Progress(self._step, self.total_steps, self._epoch, duration, self.frozen_depth)
+
+    def _resolve_layers(self) -> None:
+        tracer = self._tracer
+        if tracer is not None and tracer.done:
+            layers = tracer.order()
+            self._tracer = None
+            self._freezer.layers = layers
+            self._context.layers = layers
+
+    def _decide(self) -> None:
+        self._resolve_layers()
+        depth, fraction = self.policy.decide(self._progress())
+        limit = max(len(self._freezer.layers) - 1, 0)
+        depth = min(max(int(depth), 0), limit)
+        if self.policy.monotone:
+            depth = max(depth, self._freezer.depth)
+        self._fraction = fraction
+        if depth != self._freezer.depth:
+            if self.max_changes is not None and self._changes >= self.max_changes:
+                log.debug("layerfreeze: max_changes=%d reached; keeping depth %d", self.max_changes, self.frozen_depth)
+            else:
+                self._apply(depth)
+        if self.log_fn is not None:
+            self.log_fn(self.metrics)
+
+    def _apply(self, depth: int) -> None:
+        if self._tracer is not None:
+            if depth > 0:
+                raise RuntimeError(
+                    "order='execution' needs one forward pass before the first freeze; run the model "
+                    "once or pass example_inputs to attach()"
+                )
+        before = self._freezer.depth
+        if self._freezer.apply(depth):
+            self._changes += 1
+            distributed.on_trainable_change(self._wrapper)
+            layers = self._freezer.layers
+            log.info(
+                "layerfreeze: step %d: frozen depth %d -> %d of %d layers (%s), %d parameters frozen",
+                self._step, before, depth, len(layers),
+                layers[depth - 1].name if depth else "none", len(self._freezer.frozen_names),
+            )
+            self._hint_batchnorm()
+
+    def _hint_batchnorm(self) -> None:
+        if self.batchnorm != "train" or getattr(self, "_bn_hinted", False):
+            return
+        if any(isinstance(layer.module, nn.modules.batchnorm._NormBase) for layer in
+               self._freezer.layers[: self._freezer.depth]):
+            self._bn_hinted = True
+            log.warning(
+                "layerfreeze: frozen BatchNorm layers keep updating their running statistics "
+                "(batchnorm='train', Composer's behaviour). HINT: pass batchnorm='eval' to "
+                "LayerFreezing to hold them fixed."
+            )
+
+    def _warn_if_nothing_freezes(self) -> None:
+        if not isinstance(self.policy, Linear) or self.policy.measure != "layers":
+            return
+        count = len(self._freezer.layers)
+        final = int(self.policy.freeze_level * max(count - 1, 0))
+        if self.policy.freeze_level > 0 and final == 0:
+            log.warning(
+                "layerfreeze: freeze_level=%s with %d layers freezes nothing: int(%s * %d) = 0. "
+                "HINT: raise freeze_level to at least %.3g",
+                self.policy.freeze_level, count, self.policy.freeze_level, count - 1, 1 / max(count - 1, 1),
+            )
+        if self.interval == "epoch" and self.steps_per_epoch is not None and self.steps_per_epoch >= self.total_steps:
+            log.warning(
+                "layerfreeze: a one-epoch run with interval='epoch' freezes only after its last step. "
+                "HINT: pass interval='step'"
+            )

@@ -1,0 +1,221 @@
+"""Apply a frozen depth to a model and its optimizers, exactly and reversibly.
+
+Freezing a parameter here means all of: ``requires_grad=False``, ``grad=None``,
+removal from its param group (the group itself stays, even empty, so LR
+schedulers and positional optimizer state keep lining up) and deletion of its
+optimizer state. Frozen weights therefore never move again, bit for bit: no
+momentum, no weight decay, no Adam moments. Composer only does the first and the
+third, which is why saving its optimizer raises (its issue #1002).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .layers import Layer, iter_unique, parameter_names, unwrap_model
+
+__all__ = ["Freezer", "freeze_parameters", "BATCHNORM_MODES", "SHARED_RULES"]
+
+log = logging.getLogger("layerfreeze")
+
+BATCHNORM_MODES = ("train", "eval")
+SHARED_RULES = ("freeze", "trainable")
+
+
+def freeze_parameters(params: Iterable[nn.Parameter], optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Freeze ``params`` completely: no grad, out of every param group, no optimizer state.
+
+    Runs one pass over each param group whatever the number of parameters, so a
+    freeze change on a model with thousands of layers stays cheap.
+    """
+    params = list(params)
+    if not params:
+        return
+    ids = {id(p) for p in params}
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            kept = [q for q in group["params"] if id(q) not in ids]
+            if len(kept) != len(group["params"]):
+                group["params"] = kept
+        for p in params:
+            optimizer.state.pop(p, None)
+
+
+def _pinned_eval_train(module: nn.Module, mode: bool = True) -> nn.Module:
+    # Installed as an instance attribute on frozen BatchNorm layers under
+    # batchnorm="eval": whatever mode a trainer asks for (Lightning calls
+    # model.train() each epoch, issue #15062), the layer stays in eval mode.
+    # A functools.partial of a module-level function keeps the model picklable.
+    module.training = False
+    return module
+
+
+class Freezer:
+    """Holds a model's layers and optimizers and moves the frozen depth up or down.
+
+    It remembers where every parameter was at construction time (which groups,
+    in which position, whether it required grad), so that unfreezing puts each
+    parameter back where it was and a resumed run rebuilds the very same groups.
+
+    Args:
+        model: the model (may be wrapped in DistributedDataParallel).
+        optimizers: the optimizers that train it.
+        layers: the layers in freeze order.
+        batchnorm: ``"train"`` keeps frozen BatchNorm layers updating their
+            running statistics (Composer); ``"eval"`` pins them to eval mode.
+        shared: ``"freeze"`` freezes a parameter shared by several layers as soon
+            as one of them is frozen (Composer); ``"trainable"`` keeps it trainable
+            while any layer holding it is still trainable.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        layers: Sequence[Layer],
+        *,
+        batchnorm: str = "train",
+        shared: str = "freeze",
+    ):
+        self.model = unwrap_model(model)
+        self.optimizers = list(optimizers)
+        self.layers = list(layers)
+        self.batchnorm = batchnorm
+        self.shared = shared
+        self._by_name = dict(self.model.named_parameters())
+        self._original_requires_grad = {n: p.requires_grad for n, p in self._by_name.items()}
+        # Original order of every group, to put unfrozen parameters back in place.
+        self._original_groups = [[list(g["params"]) for g in opt.param_groups] for opt in self.optimizers]
+        self._frozen: set[str] = set()
+        self._pinned: list[nn.Module] = []
+        self.depth = 0
+
+    # -- queries -----------------------------------------------------------
+    @property
+    def frozen_names(self) -> frozenset[str]:
+        """Names of the parameters this freezer has frozen."""
+        return frozenset(self._frozen)
+
+    def names_for_depth(self, depth: int) -> set[str]:
+        """Parameter names frozen when the first ``depth`` layers are frozen."""
+        frozen = {n for layer in self.layers[:depth] for n in layer.param_names}
+        if self.shared == "trainable":
+            frozen -= {n for layer in self.layers[depth:] for n in layer.param_names}
+        return frozen
+
+    # -- changes -----------------------------------------------------------
+    def apply(self, depth: int) -> bool:
+        """Freeze exactly the first ``depth`` layers; returns whether anything changed."""
+        if not 0 <= depth < max(len(self.layers), 1):
+            raise ValueError(f"depth must be in [0, {max(len(self.layers) - 1, 0)}], got {depth}")
+        return self.apply_names(self.names_for_depth(depth), depth)
+
+    def apply_names(self, target: set[str], depth: int) -> bool:
+        """Make ``target`` the frozen parameter set (used by resume with saved names)."""
+        unknown = sorted(target - self._by_name.keys())
+        if unknown:
+            raise KeyError(f"no parameter named {unknown[0]!r} in the model")
+        to_freeze = [self._by_name[n] for n in sorted(target - self._frozen)]
+        to_thaw = [n for n in sorted(self._frozen - target)]
+        changed = bool(to_freeze or to_thaw) or depth != self.depth
+        if to_thaw:
+            self._thaw(to_thaw)
+        freeze_parameters(iter_unique(to_freeze), self.optimizers)
+        self._frozen = set(target)
+        self.depth = depth
+        self._update_batchnorm()
+        return changed
+
+    def _thaw(self, names: Sequence[str]) -> None:
+        params = [self._by_name[n] for n in names]
+        for name, p in zip(names, params):
+            p.requires_grad_(self._original_requires_grad[name])
+        ids = {id(p) for p in params}
+        for opt, original_groups in zip(self.optimizers, self._original_groups):
+            for group, original in zip(opt.param_groups, original_groups):
+                if not any(id(p) in ids for p in original):
+                    continue
+                present = {id(p) for p in group["params"]} | ids
+                in_order = [p for p in original if id(p) in present]
+                known = {id(p) for p in original}
+                extra = [p for p in group["params"] if id(p) not in known]
+                group["params"] = in_order + extra
+
+    def _update_batchnorm(self) -> None:
+        for module in self._pinned:
+            module.__dict__.pop("train", None)
+            module.training = self.model.training
+        self._pinned = []
+        if self.batchnorm != "eval":
+            return
+        for layer in self.layers[: self.depth]:
+            module = layer.module
+            if isinstance(module, nn.modules.batchnorm._NormBase) and "train" not in module.__dict__:
+                module.__dict__["train"] = functools.partial(_pinned_eval_train, module)
+                module.training = False
+                self._pinned.append(module)
+
+    def release(self) -> None:
+        """Unfreeze everything and unpin BatchNorm layers."""
+        self.apply_names(set(), 0)
+
+
+def validate_optimizers(model: nn.Module, optimizers: object) -> list[torch.optim.Optimizer]:
+    """Return ``optimizers`` as a list after checking each trains part of ``model``.
+
+    Raises:
+        TypeError: for anything but an optimizer or a non-empty sequence of them.
+        ValueError: for an optimizer holding none of the model's parameters.
+    """
+    if isinstance(optimizers, torch.optim.Optimizer):
+        optimizer_list = [optimizers]
+    elif isinstance(optimizers, (list, tuple)) and optimizers and all(
+        isinstance(o, torch.optim.Optimizer) for o in optimizers
+    ):
+        optimizer_list = list(optimizers)
+    else:
+        raise TypeError(
+            "optimizers must be a torch.optim.Optimizer or a non-empty list of them, "
+            f"got {type(optimizers).__name__}"
+        )
+    model_ids = {id(p) for p in unwrap_model(model).parameters()}
+    for index, optimizer in enumerate(optimizer_list):
+        if not any(id(p) in model_ids for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError(
+                f"optimizers[{index}] ({type(optimizer).__name__}) holds none of the model's "
+                "parameters; pass the optimizer that trains this model"
+            )
+    return optimizer_list
+
+
+def validate_model(model: object) -> nn.Module:
+    """Check ``model`` is a module with at least one parameter; return it unwrapped."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inner = unwrap_model(model)
+    if not any(True for _ in inner.parameters()):
+        raise ValueError(f"model must have at least one parameter; {type(inner).__name__} has none")
+    return inner
+
+
+def summarize(names: Iterable[str], limit: int = 5) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        accepted = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+

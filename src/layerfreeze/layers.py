@@ -1,0 +1,238 @@
+"""Which layers a model has, in which order, and what each costs.
+
+A *layer* is a leaf module (no children) that owns at least one parameter, as in
+Composer. Layers are listed depth-first in module-definition order, or in the
+order the forward pass first runs them (``order="execution"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Layer",
+    "unwrap_model",
+    "definition_order",
+    "parameter_names",
+    "ExecutionTracer",
+    "execution_order",
+    "layer_flops",
+]
+
+log = logging.getLogger("layerfreeze")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One freezable unit: a leaf module and the parameters it owns.
+
+    Attributes:
+        name: qualified module name in the unwrapped model ("" for the root).
+        module: the module itself.
+        param_names: canonical qualified names of its parameters (for a tied
+            parameter, the name ``model.named_parameters()`` reports first).
+    """
+
+    name: str
+    module: nn.Module
+    param_names: tuple[str, ...]
+
+    @property
+    def type_name(self) -> str:
+        return type(self.module).__name__
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the user's model inside a DDP / DataParallel / FSDP1 / compiled wrapper."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        elif type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module"):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    """Map ``id(parameter)`` to its canonical qualified name (first occurrence)."""
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+def _leaf_modules(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]]) -> None:
+    # Same traversal as Composer's ``_get_layers``: a module with no children and
+    # at least one parameter is a layer; otherwise recurse into its children.
+    # A module reused under two parents is listed twice, as Composer lists it.
+    children = list(module.named_children())
+    if not children and any(True for _ in module.parameters()):
+        out.append((prefix, module))
+        return
+    for child_name, child in children:
+        _leaf_modules(child, f"{prefix}.{child_name}" if prefix else child_name, out)
+
+
+def definition_order(model: nn.Module) -> list[Layer]:
+    """Layers of ``model`` depth-first in module-definition order (Composer's order).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> [layer.name for layer in definition_order(net)]
+        ['0', '2']
+    """
+    model = unwrap_model(model)
+    names = parameter_names(model)
+    leaves: list[tuple[str, nn.Module]] = []
+    _leaf_modules(model, "", leaves)
+    return [
+        Layer(name, module, tuple(names[id(p)] for p in module.parameters()))
+        for name, module in leaves
+    ]
+
+
+class ExecutionTracer:
+    """Records the order in which layers first run, from forward pre-hooks.
+
+    Hooks stay until ``finish()``; the first complete forward pass of the model
+    fixes the order. Layers that never ran keep their definition order, after
+    those that did.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[Layer]):
+        self._layers = list(layers)
+        self._seen: dict[int, int] = {}  # id(module) -> first call rank
+        self._handles: list[Any] = []
+        self.done = False
+        for layer in {id(layer.module): layer for layer in self._layers}.values():
+            self._handles.append(layer.module.register_forward_pre_hook(self._record))
+        root = unwrap_model(model)
+        self._handles.append(root.register_forward_hook(self._root_done))
+
+    def _record(self, module: nn.Module, args: Any) -> None:
+        self._seen.setdefault(id(module), len(self._seen))
+
+    def _root_done(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._seen:
+            self.done = True
+            self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def order(self) -> list[Layer]:
+        """Layers sorted by first execution; never-run layers last, in definition order."""
+        never = len(self._layers) + len(self._seen)
+        ranked = sorted(
+            enumerate(self._layers),
+            key=lambda item: (self._seen.get(id(item[1].module), never), item[0]),
+        )
+        unused = [layer.name for layer in self._layers if id(layer.module) not in self._seen]
+        if unused:
+            log.warning(
+                "layerfreeze: %d layer(s) did not run in the traced forward pass and go last "
+                "in execution order: %s", len(unused), ", ".join(unused[:5]),
+            )
+        return [layer for _, layer in ranked]
+
+
+def _snapshot_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(b, b.detach().clone()) for b in model.buffers()]
+
+
+def execution_order(model: nn.Module, run: Callable[[nn.Module], Any]) -> list[Layer]:
+    """Layers in the order a forward pass first runs them.
+
+    ``run(model)`` performs one forward pass (for example ``lambda m: m(x)``). It
+    runs under ``torch.no_grad()``; buffers (BatchNorm statistics) are restored
+    afterwards, so tracing changes nothing in the model.
+    """
+    model = unwrap_model(model)
+    layers = definition_order(model)
+    tracer = ExecutionTracer(model, layers)
+    saved = _snapshot_buffers(model)
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        tracer.remove()
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)
+    return tracer.order()
+
+
+def layer_flops(model: nn.Module, layers: Sequence[Layer], run: Callable[[nn.Module], Any]) -> list[int]:
+    """Forward FLOPs of each layer for one forward pass ``run(model)``.
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode`` around each layer's
+    own forward (through hooks), so a module reused twice counts both calls.
+    Buffers are restored afterwards, as in :func:`execution_order`.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = unwrap_model(model)
+    counts: dict[int, int] = {id(layer.module): 0 for layer in layers}
+    handles = []
+    modes: dict[int, list[FlopCounterMode]] = {}
+
+    def pre(module: nn.Module, args: Any) -> None:
+        mode = FlopCounterMode(display=False)
+        modes.setdefault(id(module), []).append(mode)
+        mode.__enter__()
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        mode = modes[id(module)].pop()
+        mode.__exit__(None, None, None)
+        counts[id(module)] += mode.get_total_flops()
+
+    for layer in {id(layer.module): layer for layer in layers}.values():
+        handles.append(layer.module.register_forward_pre_hook(pre))
+        handles.append(layer.module.register_forward_hook(post))
+    saved = _snapshot_buffers(model)
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)
+    return [counts[id(layer.module)] for layer in layers]
+
+
+def total_flops(model: nn.Module, run: Callable[[nn.Module], Any]) -> int:
+    """Forward FLOPs of the whole model for one forward pass ``run(model)``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = unwrap_model(model)
+    saved = _snapshot_buffers(model)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as mode:
+            run(model)
+    finally:
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)
+    return mode.get_total_flops()
+
+
+def iter_unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """Parameters without repeats, first occurrence kept."""
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out

@@ -1,0 +1,96 @@
+"""The interface every freezing policy implements.
+
+A policy answers one question: given how far training has come (and whatever it
+has observed), how many leading layers should be frozen now? ``LayerFreezing``
+asks it at each decision point (every step or every epoch end) and applies the
+answer; a policy never touches the optimizer itself except through the hooks
+below, and keeps everything it needs to resume in ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..layers import Layer
+
+__all__ = ["Progress", "Context", "Policy"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands when a policy is asked for a depth.
+
+    Attributes:
+        step: optimizer steps done so far.
+        total_steps: optimizer steps in the whole run.
+        epoch: epochs done so far (counted from epoch ends).
+        current_duration: ``min(step / total_steps, 1.0)``, Composer's elapsed duration.
+        depth: the depth frozen right now.
+    """
+
+    step: int
+    total_steps: int
+    epoch: int
+    current_duration: float
+    depth: int
+
+
+@dataclass
+class Context:
+    """What a policy may look at: set once at attach.
+
+    Attributes:
+        model: the unwrapped model.
+        optimizers: the optimizers training it.
+        layers: layers in freeze order (the last one is never frozen).
+        costs: per-layer forward FLOPs when known, else None.
+    """
+
+    model: nn.Module
+    optimizers: Sequence[torch.optim.Optimizer]
+    layers: Sequence["Layer"]
+    costs: Optional[Sequence[float]] = None
+
+
+class Policy:
+    """Base class of freezing policies.
+
+    Subclasses implement :meth:`decide`; the others have sensible defaults.
+    ``monotone = True`` (the default) means ``LayerFreezing`` never lets the depth
+    shrink because of this policy's answer.
+    """
+
+    monotone: bool = True
+    #: whether ``decide`` needs ``Context.costs`` (forward FLOPs per layer)
+    needs_costs: bool = False
+
+    def bind(self, context: Context) -> None:
+        """Called once by ``LayerFreezing.attach``, before any decision."""
+        self.context = context
+
+    def after_step(self, progress: Progress) -> None:
+        """Called after every optimizer step, before any decision at that step."""
+
+    def decide(self, progress: Progress) -> tuple[int, float]:
+        """Return ``(depth, fraction)``: how many leading layers to freeze now, and
+        the fraction reported to loggers as ``layer_freezing/percentage_frozen``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data needed to resume this policy exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
+
+    def describe(self) -> dict[str, Any]:
+        """Settings, for logs and benchmark records."""
+        return {"policy": type(self).__name__}
+
+    def release(self) -> None:
+        """Called by ``LayerFreezing.detach``: remove any hooks the policy installed."""
