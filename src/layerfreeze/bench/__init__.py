@@ -1,0 +1,1 @@
+"""Bundled models, data and the benchmark harness behind ``layerfreeze bench``."""
