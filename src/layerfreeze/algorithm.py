@@ -24,7 +24,7 @@ from .freezer import (
     validate_model,
     validate_optimizers,
 )
-from .layers import ExecutionTracer, Layer, definition_order, execution_order, layer_flops
+from .layers import UNITS, ExecutionTracer, Layer, definition_order, execution_order, layer_flops
 from .policies import Context, Linear, Policy, Progress
 
 __all__ = ["LayerFreezing", "LAYERS_FROZEN", "PERCENTAGE_FROZEN", "PARAMS_FROZEN"]
@@ -83,6 +83,9 @@ class LayerFreezing:
             ``"trainable"`` keeps it trainable while any holder is trainable.
         policy: a :class:`layerfreeze.policies.Policy`; default ``Linear(freeze_start,
             freeze_level, measure)``. Pass either a policy or the schedule knobs.
+        unit: what a layer is. ``"leaf"`` (Composer): leaf modules with parameters.
+            ``"owner"``: every module owning parameters directly, so parameters of
+            non-leaf modules (``nn.MultiheadAttention.in_proj_weight``) freeze too.
         measure: ``"layers"`` or ``"flops"`` (cost-aware: the fraction counts forward
             FLOPs; needs ``example_inputs`` at attach).
         max_changes: at most this many changes of the frozen set (bounds
@@ -108,6 +111,7 @@ class LayerFreezing:
         batchnorm: str = "train",
         shared: str = "freeze",
         policy: Optional[Policy] = None,
+        unit: str = "leaf",
         measure: str = "layers",
         max_changes: Optional[int] = None,
         log_fn: Optional[Callable[[dict[str, float]], None]] = None,
@@ -126,6 +130,7 @@ class LayerFreezing:
         self.order = check_choice("order", order, ORDERS)
         self.batchnorm = check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
         self.shared = check_choice("shared", shared, SHARED_RULES)
+        self.unit = check_choice("unit", unit, UNITS)
         self.max_changes = _positive_int("max_changes", max_changes, optional=True)
         if log_fn is not None and not callable(log_fn):
             raise TypeError(f"log_fn must be callable, got {type(log_fn).__name__}")
@@ -178,7 +183,7 @@ class LayerFreezing:
         if self.policy.needs_costs and example_inputs is None:
             raise ValueError("example_inputs is required with measure='flops' (the policy counts layer FLOPs)")
 
-        layers = definition_order(inner)
+        layers = definition_order(inner, self.unit)
         if len(layers) < 2:
             log.warning(
                 "layerfreeze: %s has %d layer(s); the last layer is never frozen, so nothing "
@@ -187,7 +192,7 @@ class LayerFreezing:
         run = _as_runner(example_inputs) if example_inputs is not None else None
         if self.order == "execution" and self._pending_state is None:
             if run is not None:
-                layers = execution_order(inner, run)
+                layers = execution_order(inner, run, self.unit)
             else:
                 self._tracer = ExecutionTracer(inner, layers)
         costs = layer_flops(inner, layers, run) if run is not None else None
@@ -305,6 +310,7 @@ class LayerFreezing:
                 "order": self.order,
                 "batchnorm": self.batchnorm,
                 "shared": self.shared,
+                "unit": self.unit,
                 "total_steps": self.total_steps,
                 **self.policy.describe(),
             },
@@ -326,7 +332,7 @@ class LayerFreezing:
         if not self._attached:
             self._pending_state = dict(state)
             return
-        by_name = {layer.name: layer for layer in definition_order(self._freezer.model)}
+        by_name = {layer.name: layer for layer in definition_order(self._freezer.model, self.unit)}
         missing = [name for name in state["layers"] if name not in by_name]
         extra = sorted(set(by_name) - set(state["layers"]))
         if missing or extra or len(state["layers"]) != len(by_name):

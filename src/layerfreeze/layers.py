@@ -68,6 +68,9 @@ def parameter_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
+UNITS = ("leaf", "owner")
+
+
 def _leaf_modules(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]]) -> None:
     # Same traversal as Composer's ``_get_layers``: a module with no children and
     # at least one parameter is a layer; otherwise recurse into its children.
@@ -80,21 +83,43 @@ def _leaf_modules(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module
         _leaf_modules(child, f"{prefix}.{child_name}" if prefix else child_name, out)
 
 
-def definition_order(model: nn.Module) -> list[Layer]:
+def _owner_modules(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]]) -> None:
+    # Every module that owns parameters directly is a unit holding just those,
+    # listed before its children (pre-order). Leaves come out as in Composer.
+    if any(p is not None for p in module._parameters.values()):
+        out.append((prefix, module))
+    for child_name, child in module.named_children():
+        _owner_modules(child, f"{prefix}.{child_name}" if prefix else child_name, out)
+
+
+def definition_order(model: nn.Module, unit: str = "leaf") -> list[Layer]:
     """Layers of ``model`` depth-first in module-definition order (Composer's order).
+
+    Args:
+        model: the model (wrappers such as DDP are looked through).
+        unit: ``"leaf"`` (Composer): leaf modules with parameters; parameters owned
+            directly by a module that has children (``nn.MultiheadAttention``'s
+            ``in_proj_weight``, say) belong to no layer and never freeze.
+            ``"owner"``: every module owning parameters directly is a layer holding
+            those parameters, placed before its children, so nothing is left out.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
         >>> [layer.name for layer in definition_order(net)]
         ['0', '2']
     """
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of 'leaf', 'owner', got {unit!r}")
     model = unwrap_model(model)
     names = parameter_names(model)
-    leaves: list[tuple[str, nn.Module]] = []
-    _leaf_modules(model, "", leaves)
+    found: list[tuple[str, nn.Module]] = []
+    if unit == "leaf":
+        _leaf_modules(model, "", found)
+    else:
+        _owner_modules(model, "", found)
     return [
-        Layer(name, module, tuple(names[id(p)] for p in module.parameters()))
-        for name, module in leaves
+        Layer(name, module, tuple(names[id(p)] for p in module.parameters(recurse=False)))
+        for name, module in found
     ]
 
 
@@ -130,26 +155,35 @@ class ExecutionTracer:
         self._handles.clear()
 
     def order(self) -> list[Layer]:
-        """Layers sorted by first execution; never-run layers last, in definition order."""
-        never = len(self._layers) + len(self._seen)
-        ranked = sorted(
-            enumerate(self._layers),
-            key=lambda item: (self._seen.get(id(item[1].module), never), item[0]),
-        )
+        """Layers sorted by first execution.
+
+        A layer whose own forward never ran (``nn.MultiheadAttention`` reads
+        ``out_proj.weight`` without calling ``out_proj``) stays right after the
+        layer that precedes it in definition order, so it never ends up last.
+        """
+        keys = []
+        last_rank = -1
+        for index, layer in enumerate(self._layers):
+            rank = self._seen.get(id(layer.module))
+            if rank is None:
+                keys.append((last_rank, 1, index))
+            else:
+                last_rank = rank
+                keys.append((rank, 0, index))
         unused = [layer.name for layer in self._layers if id(layer.module) not in self._seen]
         if unused:
-            log.warning(
-                "layerfreeze: %d layer(s) did not run in the traced forward pass and go last "
-                "in execution order: %s", len(unused), ", ".join(unused[:5]),
+            log.info(
+                "layerfreeze: %d layer(s) did not run their own forward in the traced pass and keep "
+                "their place after their definition-order predecessor: %s", len(unused), ", ".join(unused[:5]),
             )
-        return [layer for _, layer in ranked]
+        return [layer for _, layer in sorted(zip(keys, self._layers), key=lambda item: item[0])]
 
 
 def _snapshot_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(b, b.detach().clone()) for b in model.buffers()]
 
 
-def execution_order(model: nn.Module, run: Callable[[nn.Module], Any]) -> list[Layer]:
+def execution_order(model: nn.Module, run: Callable[[nn.Module], Any], unit: str = "leaf") -> list[Layer]:
     """Layers in the order a forward pass first runs them.
 
     ``run(model)`` performs one forward pass (for example ``lambda m: m(x)``). It
@@ -157,7 +191,7 @@ def execution_order(model: nn.Module, run: Callable[[nn.Module], Any]) -> list[L
     afterwards, so tracing changes nothing in the model.
     """
     model = unwrap_model(model)
-    layers = definition_order(model)
+    layers = definition_order(model, unit)
     tracer = ExecutionTracer(model, layers)
     saved = _snapshot_buffers(model)
     try:
@@ -183,17 +217,22 @@ def layer_flops(model: nn.Module, layers: Sequence[Layer], run: Callable[[nn.Mod
     model = unwrap_model(model)
     counts: dict[int, int] = {id(layer.module): 0 for layer in layers}
     handles = []
-    modes: dict[int, list[FlopCounterMode]] = {}
+    # Stack of (module id, mode, FLOPs of nested layers): with unit="owner" a
+    # layer's forward can run other layers; their FLOPs are theirs, not its own.
+    stack: list[list[Any]] = []
 
     def pre(module: nn.Module, args: Any) -> None:
         mode = FlopCounterMode(display=False)
-        modes.setdefault(id(module), []).append(mode)
+        stack.append([id(module), mode, 0])
         mode.__enter__()
 
     def post(module: nn.Module, args: Any, output: Any) -> None:
-        mode = modes[id(module)].pop()
+        module_id, mode, nested = stack.pop()
         mode.__exit__(None, None, None)
-        counts[id(module)] += mode.get_total_flops()
+        inclusive = mode.get_total_flops()
+        counts[module_id] += inclusive - nested
+        if stack:
+            stack[-1][2] += inclusive
 
     for layer in {id(layer.module): layer for layer in layers}.values():
         handles.append(layer.module.register_forward_pre_hook(pre))
