@@ -158,25 +158,33 @@ class ExecutionTracer:
         """Layers sorted by first execution.
 
         A layer whose own forward never ran (``nn.MultiheadAttention`` reads
-        ``out_proj.weight`` without calling ``out_proj``) stays right after the
-        layer that precedes it in definition order, so it never ends up last.
+        ``out_proj.weight`` without calling ``out_proj``) is placed just before the
+        next layer in definition order that did run (just after the previous one
+        when none follows), so it never ends up last by accident.
         """
-        keys = []
-        last_rank = -1
-        for index, layer in enumerate(self._layers):
-            rank = self._seen.get(id(layer.module))
-            if rank is None:
-                keys.append((last_rank, 1, index))
-            else:
-                last_rank = rank
-                keys.append((rank, 0, index))
+        ranks = [self._seen.get(id(layer.module)) for layer in self._layers]
+        keys: list[Optional[tuple[float, int]]] = [None] * len(ranks)
+        following: Optional[int] = None
+        for index in range(len(ranks) - 1, -1, -1):
+            if ranks[index] is not None:
+                following = ranks[index]
+                keys[index] = (float(following), index)
+            elif following is not None:
+                keys[index] = (following - 0.5, index)
+        previous = -1.0
+        for index, rank in enumerate(ranks):
+            if rank is not None:
+                previous = float(rank)
+            elif keys[index] is None:
+                keys[index] = (previous + 0.5, index)
         unused = [layer.name for layer in self._layers if id(layer.module) not in self._seen]
         if unused:
             log.info(
                 "layerfreeze: %d layer(s) did not run their own forward in the traced pass and keep "
                 "their place after their definition-order predecessor: %s", len(unused), ", ".join(unused[:5]),
             )
-        return [layer for _, layer in sorted(zip(keys, self._layers), key=lambda item: item[0])]
+        order = sorted(range(len(self._layers)), key=lambda i: keys[i])
+        return [self._layers[i] for i in order]
 
 
 def _snapshot_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
