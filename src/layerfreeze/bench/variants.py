@@ -1,0 +1,134 @@
+"""Named freezing variants that ``layerfreeze bench`` compares side by side.
+
+A variant is a name, a one-line description and a factory that builds a fresh
+:class:`layerfreeze.LayerFreezing` for one run (or returns ``None`` for the
+baseline without freezing). The bench calls the factory once per run, so state
+never leaks from one run into the next.
+
+Adding a variant is one call, typically at import time of the module that
+defines its policy::
+
+    from layerfreeze.bench.variants import register
+
+    register("freezeout", lambda interval: LayerFreezing(policy=FreezeOut(t0=0.5),
+                                                         interval=interval),
+             "FreezeOut, cubic spacing from t0=0.5")
+
+Factories take one keyword argument, ``interval`` (``"epoch"`` or ``"step"``,
+from ``layerfreeze bench --interval``); a variant for which the interval does not
+matter may ignore it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..algorithm import LayerFreezing
+
+__all__ = ["Variant", "VARIANTS", "register", "get_variant", "parse_variants", "DEFAULT_VARIANTS"]
+
+Factory = Callable[..., Optional[LayerFreezing]]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One bench variant.
+
+    Attributes:
+        name: the name used on the command line (``--variants none,composer``).
+        factory: ``factory(interval=...)`` returns a new LayerFreezing, or None for
+            training without freezing.
+        description: one line shown by ``layerfreeze bench --list-variants`` and in
+            the results JSON.
+    """
+
+    name: str
+    factory: Factory
+    description: str
+
+    def build(self, interval: str = "epoch") -> Optional[LayerFreezing]:
+        """A fresh LayerFreezing for one run (None for the baseline)."""
+        freezing = self.factory(interval=interval)
+        if freezing is not None and not isinstance(freezing, LayerFreezing):
+            raise TypeError(
+                f"variant {self.name!r}: its factory must return a LayerFreezing or None, "
+                f"got {type(freezing).__name__}"
+            )
+        return freezing
+
+
+VARIANTS: dict[str, Variant] = {}
+
+#: What ``layerfreeze bench`` runs with no ``--variants``: the baseline, Composer's
+#: defaults, and the earlier start this project recommends.
+DEFAULT_VARIANTS = ("none", "composer", "start0.1")
+
+
+def register(name: str, factory: Factory, description: str, *, replace: bool = False) -> Variant:
+    """Add a variant under ``name``; returns it.
+
+    Args:
+        name: command-line name; letters, digits, ``.``, ``_`` and ``-``.
+        factory: called as ``factory(interval="epoch"|"step")`` for each run; returns a
+            new LayerFreezing, or None for no freezing.
+        description: one line saying what the variant does.
+        replace: allow overwriting an existing variant of that name.
+
+    Raises:
+        ValueError: if the name is malformed or taken (and ``replace`` is False).
+        TypeError: if ``factory`` is not callable.
+    """
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "._-" for c in name):
+        raise ValueError(f"variant name must be letters, digits, '.', '_' or '-', got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"factory for variant {name!r} must be callable, got {type(factory).__name__}")
+    if name in VARIANTS and not replace:
+        raise ValueError(f"variant {name!r} is already registered; pass replace=True to overwrite it")
+    variant = Variant(name, factory, str(description))
+    VARIANTS[name] = variant
+    return variant
+
+
+def get_variant(name: str) -> Variant:
+    """The variant called ``name``; ValueError naming the registered ones otherwise."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown variant {name!r}; registered variants: {', '.join(VARIANTS)}") from None
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """Variants from a comma-separated list such as ``"none,composer"``.
+
+    Raises:
+        ValueError: for an empty list, an unknown name or a repeated name.
+    """
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ValueError(f"--variants needs at least one name, got {text!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--variants names {repeated[0]!r} twice")
+    return [get_variant(name) for name in names]
+
+
+def _none(interval: str = "epoch") -> None:
+    return None
+
+
+def _composer(interval: str = "epoch") -> LayerFreezing:
+    # Composer's defaults (freeze_start=0.5, freeze_level=1.0), BatchNorm statistics
+    # kept training as Composer does.
+    return LayerFreezing(freeze_start=0.5, freeze_level=1.0, interval=interval)
+
+
+def _start01(interval: str = "epoch") -> LayerFreezing:
+    # Freezing from 10% of training on: the earlier start this project recommends
+    # for short runs, where Composer's 0.5 leaves little time to save anything.
+    return LayerFreezing(freeze_start=0.1, freeze_level=1.0, interval=interval)
+
+
+register("none", _none, "no freezing (the baseline every speedup is measured against)")
+register("composer", _composer, "Composer's defaults: freeze_start=0.5, freeze_level=1.0")
+register("start0.1", _start01, "freeze_start=0.1, freeze_level=1.0 (recommended for short runs)")
