@@ -177,6 +177,7 @@ class LayerFreezing:
         if self._attached:
             raise RuntimeError("this LayerFreezing is already attached; call detach() first")
         inner = validate_model(model)
+        distributed.on_attach(model)
         optimizer_list = validate_optimizers(model, optimizers)
         _positive_int("total_steps", total_steps)
         _positive_int("steps_per_epoch", steps_per_epoch, optional=True)
@@ -198,11 +199,14 @@ class LayerFreezing:
         costs = layer_flops(inner, layers, run) if run is not None else None
 
         self._wrapper = model
-        self._freezer = Freezer(inner, optimizer_list, layers, batchnorm=self.batchnorm, shared=self.shared)
-        self._context = Context(inner, optimizer_list, layers, costs)
+        self._context = Context(inner, optimizer_list, layers, costs, total_steps)
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
+        # The policy binds before the freezer records the param groups: a policy may
+        # restructure them (FreezeOut gives each layer its own group), and unfreezing
+        # must put parameters back into the groups as the policy left them.
         self.policy.bind(self._context)
+        self._freezer = Freezer(inner, optimizer_list, layers, batchnorm=self.batchnorm, shared=self.shared)
         self._attached = True
         self._warn_if_nothing_freezes()
         if self._pending_state is not None:
@@ -414,6 +418,7 @@ class LayerFreezing:
     def _decide(self) -> None:
         self._resolve_layers()
         depth, fraction = self.policy.decide(self._progress())
+        distributed.check_agreement(self._wrapper, self._step, int(depth))
         limit = max(len(self._freezer.layers) - 1, 0)
         depth = min(max(int(depth), 0), limit)
         if self.policy.monotone:

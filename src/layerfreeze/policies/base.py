@@ -49,12 +49,16 @@ class Context:
         optimizers: the optimizers training it.
         layers: layers in freeze order (the last one is never frozen).
         costs: per-layer forward FLOPs when known, else None.
+        total_steps: optimizer steps in the whole run, as passed to attach (None
+            when unknown); policies that act between decisions (FreezeOut's
+            learning rates) need it before the first step.
     """
 
     model: nn.Module
     optimizers: Sequence[torch.optim.Optimizer]
     layers: Sequence["Layer"]
     costs: Optional[Sequence[float]] = None
+    total_steps: Optional[int] = None
 
 
 class Policy:
