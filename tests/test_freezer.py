@@ -1,0 +1,178 @@
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from layerfreeze.freezer import Freezer, freeze_parameters
+from layerfreeze.layers import definition_order
+
+from conftest import ConvBN, Tied, batch_for, mlp, train_step
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+    "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=True),
+}
+
+
+def make(model=None, optimizer="sgd", **kwargs):
+    model = model or ConvBN()
+    opt = OPTIMIZERS[optimizer](model.parameters())
+    return model, opt, Freezer(model, [opt], definition_order(model), **kwargs)
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_frozen_weights_stay_bit_identical(optimizer):
+    torch.manual_seed(0)
+    model, opt, freezer = make(optimizer=optimizer)
+    for _ in range(3):  # build momentum / moments first
+        train_step(model, [opt], batch_for(model))
+    freezer.apply(3)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n in freezer.frozen_names}
+    assert sorted(frozen) == ["features.0.bias", "features.0.weight", "features.1.bias",
+                              "features.1.weight", "features.3.bias", "features.3.weight"]
+    for _ in range(5):
+        train_step(model, [opt], batch_for(model))
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+            assert p.grad is None and not p.requires_grad
+    assert model.head.weight.grad is None  # zero_grad ran; head still trains
+    opt.state_dict()
+
+
+def test_freeze_is_complete():
+    model, opt, freezer = make()
+    train_step(model, [opt], batch_for(model))
+    model(batch_for(model)).sum().backward()  # leave grads around
+    freezer.apply(2)
+    first = [model.features[0].weight, model.features[0].bias, model.features[1].weight, model.features[1].bias]
+    ids = {id(p) for p in first}
+    assert all(not p.requires_grad and p.grad is None for p in first)
+    assert not any(id(p) in ids for g in opt.param_groups for p in g["params"])
+    assert not any(id(p) in ids for p in opt.state)
+    assert len(opt.state_dict()["state"]) == 6
+
+
+def test_unfreeze_restores_original_group_order_and_fresh_state():
+    model = mlp(depth=4)
+    params = list(model.parameters())
+    opt = torch.optim.SGD([{"params": params[0::2]}, {"params": params[1::2], "lr": 0.5}], lr=0.1, momentum=0.9)
+    original = [list(g["params"]) for g in opt.param_groups]
+    freezer = Freezer(model, [opt], definition_order(model))
+    train_step(model, [opt], torch.randn(3, 6))
+    freezer.apply(3)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
+    assert freezer.apply(1)
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [
+        [id(p) for p in original[0] if p is not model[0].weight],
+        [id(p) for p in original[1] if p is not model[0].bias],
+    ]
+    assert model[2].weight.requires_grad and model[2].weight not in opt.state
+    freezer.apply(0)
+    assert [list(g["params"]) for g in opt.param_groups] == original
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unfreeze_keeps_parameters_added_later():
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = Freezer(model, [opt], definition_order(model))
+    extra = nn.Parameter(torch.zeros(2))
+    opt.param_groups[0]["params"].append(extra)
+    freezer.apply(2)
+    freezer.apply(0)
+    assert opt.param_groups[0]["params"][-1] is extra
+    assert len(opt.param_groups[0]["params"]) == 7
+
+
+def test_parameters_frozen_by_the_user_stay_frozen_after_unfreeze():
+    model = mlp(depth=3)
+    model[0].bias.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = Freezer(model, [opt], definition_order(model))
+    freezer.apply(1)
+    assert not any(p is model[0].bias for p in opt.param_groups[0]["params"])
+    freezer.apply(0)
+    assert model[0].weight.requires_grad and not model[0].bias.requires_grad
+    assert any(p is model[0].bias for p in opt.param_groups[0]["params"])  # back where the user had it
+
+
+def test_parameters_in_no_optimizer_freeze_by_requires_grad_only():
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(list(model.parameters())[2:], lr=0.1)  # first layer in no optimizer
+    freezer = Freezer(model, [opt], definition_order(model))
+    freezer.apply(2)
+    assert not model[0].weight.requires_grad and not model[2].weight.requires_grad
+    freezer.apply(0)
+    assert model[0].weight.requires_grad
+    assert len(opt.param_groups[0]["params"]) == 4
+
+
+def test_tied_parameter_rules():
+    model = Tied()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = Freezer(model, [opt], definition_order(model))  # shared="freeze": Composer
+    freezer.apply(1)
+    assert not model.out.weight.requires_grad  # frozen with the embedding that holds it
+    freezer.apply(0)
+
+    model = Tied()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = Freezer(model, [opt], definition_order(model), shared="trainable")
+    freezer.apply(2)
+    assert model.embed.weight.requires_grad  # still used by the trainable head
+    assert freezer.frozen_names == {"mid.weight", "mid.bias"}
+
+
+def test_batchnorm_eval_survives_model_train_and_is_undone():
+    model, opt, freezer = make(batchnorm="eval")
+    freezer.apply(4)
+    model.train()
+    bn = model.features[1]
+    assert not bn.training and not model.features[4].training and model.head.training
+    stats = bn.running_mean.clone()
+    train_step(model, [opt], batch_for(model))
+    assert torch.equal(bn.running_mean, stats)
+    copy.deepcopy(model)  # still copyable
+    pickle.loads(pickle.dumps(model))  # and picklable
+    freezer.apply(0)
+    model.train()
+    assert bn.training
+
+
+def test_batchnorm_train_mode_keeps_updating_statistics_like_composer():
+    model, opt, freezer = make()
+    freezer.apply(4)
+    stats = model.features[1].running_mean.clone()
+    train_step(model, [opt], batch_for(model))
+    assert not torch.equal(model.features[1].running_mean, stats)
+
+
+def test_optimizers_step_with_empty_groups():
+    model = mlp(depth=3)
+    opt = torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[2:].parameters()}])
+    freezer = Freezer(model, [opt], definition_order(model))
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    freezer.apply(1)
+    assert opt.param_groups[0]["params"] == []
+    train_step(model, [opt], torch.randn(2, 6))
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.0001, 0.0001]
+
+
+def test_bad_depth_is_refused():
+    model, opt, freezer = make()
+    with pytest.raises(ValueError, match=r"depth must be in \[0, 4\], got 5"):
+        freezer.apply(5)
+
+
+def test_freeze_parameters_is_idempotent():
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freeze_parameters(list(model[0].parameters()), [opt])
+    freeze_parameters(list(model[0].parameters()), [opt])
+    assert len(opt.param_groups[0]["params"]) == 4
