@@ -1,0 +1,124 @@
+"""state_dict / load_state_dict: plain data, exact inverse, refuses foreign state."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import layerfreeze as lf
+
+from conftest import ConvBN, TinyEncoder, batch_for, mlp, train_step
+
+
+def trained(freezing_kwargs, steps=6, model_factory=ConvBN):
+    torch.manual_seed(0)
+    model = model_factory()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    freezing = lf.LayerFreezing(**freezing_kwargs).attach(model, opt, total_steps=8, steps_per_epoch=2)
+    for _ in range(steps):
+        train_step(model, [opt], batch_for(model))
+        freezing.step()
+    return model, opt, freezing
+
+
+def test_state_dict_is_plain_data_keyed_by_names():
+    _, _, freezing = trained({"freeze_start": 0.0})
+    state = freezing.state_dict()
+    assert json.loads(json.dumps(state)) == state  # no tensors, modules or ids
+    assert state["frozen"] == ["features.0.bias", "features.0.weight", "features.1.bias",
+                               "features.1.weight", "features.3.bias", "features.3.weight"]
+    assert state["layers"] == ["features.0", "features.1", "features.3", "features.4", "head"]
+    assert state["step"] == 6 and state["epoch"] == 3 and state["depth"] == 3
+
+
+def test_load_state_dict_is_exact_inverse():
+    model, opt, source = trained({"freeze_start": 0.0, "batchnorm": "eval"})
+    state = source.state_dict()
+    torch.manual_seed(1)
+    fresh = ConvBN()
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.01, momentum=0.9)
+    target = lf.LayerFreezing(freeze_start=0.0, batchnorm="eval").attach(fresh, fresh_opt, 8, steps_per_epoch=2)
+    target.load_state_dict(copy.deepcopy(state))
+    assert target.state_dict() == state
+    assert (target.frozen_depth, target.frozen_fraction, target.metrics) == (
+        source.frozen_depth, source.frozen_fraction, source.metrics)
+    assert [p.requires_grad for p in fresh.parameters()] == [p.requires_grad for p in model.parameters()]
+    assert [len(g["params"]) for g in fresh_opt.param_groups] == [len(g["params"]) for g in opt.param_groups]
+    assert [m.training for m in fresh.modules()] == [m.training for m in model.modules()]
+    fresh_opt.load_state_dict(opt.state_dict())  # groups line up with the saved optimizer
+
+
+def test_load_unfreezes_what_the_state_does_not_freeze():
+    _, _, early = trained({"freeze_start": 0.0}, steps=2)
+    model, opt, late = trained({"freeze_start": 0.0}, steps=8)
+    assert late.frozen_depth == 4
+    late.load_state_dict(early.state_dict())
+    assert late.frozen_depth == early.frozen_depth == 1
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["features.0.weight", "features.0.bias"]
+    assert len(opt.param_groups[0]["params"]) == 8
+
+
+def test_load_before_attach_is_applied_by_attach():
+    _, _, source = trained({"freeze_start": 0.0})
+    model = ConvBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    freezing = lf.LayerFreezing(freeze_start=0.0)
+    freezing.load_state_dict(source.state_dict())
+    freezing.attach(model, opt, total_steps=8, steps_per_epoch=2)
+    assert freezing.state_dict() == source.state_dict()
+
+
+def test_state_from_a_different_model_is_refused_and_changes_nothing():
+    _, _, source = trained({"freeze_start": 0.0})
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    freezing = lf.LayerFreezing(freeze_start=0.0).attach(model, opt, 8)
+    freezing.set_depth(1)
+    before = freezing.state_dict()
+    with pytest.raises(ValueError, match="state_dict does not match this model: it names layer 'features.0'"):
+        freezing.load_state_dict(source.state_dict())
+    assert freezing.state_dict() == before
+    assert len(opt.param_groups[0]["params"]) == 8
+
+
+def test_state_with_unknown_parameter_is_refused():
+    model, opt, freezing = trained({"freeze_start": 0.0}, steps=0)
+    state = freezing.state_dict()
+    state["frozen"] = ["features.0.weight", "features.9.weight"]
+    with pytest.raises(ValueError, match="it freezes parameter 'features.9.weight', which this model lacks"):
+        freezing.load_state_dict(state)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("state, message", [
+    ({}, "missing key 'format'"),
+    ([], "must be a dict from LayerFreezing.state_dict"),
+    (None, "must be a dict"),
+])
+def test_malformed_state_is_refused(state, message):
+    model = mlp()
+    freezing = lf.LayerFreezing().attach(model, torch.optim.SGD(model.parameters(), lr=0.1), 8)
+    with pytest.raises(ValueError, match=message):
+        freezing.load_state_dict(state)
+
+
+def test_malformed_state_before_attach_is_refused_at_once():
+    with pytest.raises(ValueError, match=r"state_dict\['step'\] must be a non-negative int"):
+        lf.LayerFreezing().load_state_dict({
+            "format": 1, "step": -1, "epoch": 0, "depth": 0, "fraction": 0.0, "changes": 0,
+            "layers": [], "frozen": [], "policy": {},
+        })
+
+
+def test_pending_state_for_wrong_model_fails_attach_cleanly():
+    _, _, source = trained({"freeze_start": 0.0})
+    model = TinyEncoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    freezing = lf.LayerFreezing()
+    freezing.load_state_dict(source.state_dict())
+    with pytest.raises(ValueError, match="state_dict does not match this model"):
+        freezing.attach(model, opt, 8)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(RuntimeError, match="before attach"):
+        freezing.step()
