@@ -94,7 +94,7 @@ def depth_for_cost(fraction: float, costs: Sequence[float], *, total: Optional[f
 
     Example:
         >>> depth_for_cost(0.5, [1.0, 1.0, 2.0, 4.0])
-        2
+        3
     """
     if total is None:
         total = float(sum(costs))
