@@ -1,0 +1,261 @@
+"""FreezeOut (Brock et al. 2017): per-layer cosine learning-rate annealing, then freeze.
+
+Each freezable layer ``i`` gets a freeze time ``t_i`` (a fraction of training):
+the first at ``t0``, the last freezable one at 1.0, the others spaced linearly or,
+by default, cubically (more time for later layers). Layer ``i``'s learning rate is
+annealed by a cosine to zero at ``t_i``; then the layer is frozen and leaves the
+backward pass. The paper is arXiv:1706.04983; its reference code is
+github.com/ajbrock/FreezeOut.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from .base import Context, Policy, Progress
+
+__all__ = ["FreezeOut", "freeze_times", "lr_factor", "SPACINGS"]
+
+log = logging.getLogger("layerfreeze")
+
+#: How the freeze times grow from ``t0`` to 1. The paper's ``how_scale``: the
+#: linear interpolation is raised to this power (cubic by default).
+SPACINGS = {"linear": 1, "squared": 2, "cubic": 3}
+
+#: Extra key FreezeOut writes into each param group it creates: the layer it holds.
+GROUP_KEY = "freezeout_layer"
+
+
+def freeze_times(count: int, t0: float, spacing: str = "cubic") -> list[float]:
+    """Freeze times of ``count`` freezable layers, first at ``t0``, last at 1.0.
+
+    The paper interpolates linearly in ``t0 ** (1/p)`` space and raises to the
+    power ``p`` (1 linear, 2 squared, 3 cubic): ``t_i = (s0 + (1 - s0) * i / (count - 1)) ** p``
+    with ``s0 = t0 ** (1/p)``. Here ``t0`` is the time the first layer actually
+    freezes; the paper's code takes it "pre-cubed" (its default 0.8 is ``t0 = 0.512``).
+
+    Example:
+        >>> freeze_times(3, 0.5, "linear")
+        [0.5, 0.75, 1.0]
+    """
+    power = SPACINGS[spacing]
+    start = t0 ** (1.0 / power)
+    if count <= 1:
+        return [t0] * count
+    times = [(start + (1.0 - start) * i / (count - 1)) ** power for i in range(count)]
+    # Exact endpoints: a root and a power back, or s + (1 - s), can be an ulp off,
+    # and the depth at a boundary step depends on that last bit.
+    times[0], times[-1] = t0, 1.0
+    return times
+
+
+def lr_factor(t: float, t_i: float, scale_lr: bool = True) -> float:
+    """Multiplier of a layer's learning rate at training fraction ``t``.
+
+    ``0.5 * (1 + cos(pi * t / t_i))`` until ``t_i``, 0 afterwards (the paper's
+    schedule; its README notes the 1/2 missing from the paper's equation). With
+    ``scale_lr`` it is divided by ``t_i``, so that layers trained for less time
+    start from a larger rate and all travel about the same distance.
+    """
+    if t_i <= 0.0 or t >= t_i:
+        return 0.0
+    factor = 0.5 * (1.0 + math.cos(math.pi * t / t_i))
+    return factor / t_i if scale_lr else factor
+
+
+class FreezeOut(Policy):
+    """Anneal each layer's learning rate to zero on its own schedule, then freeze it.
+
+    Freezable layer ``i`` (of ``n - 1``; the last layer never freezes) freezes at
+    ``t_i`` (see :func:`freeze_times`); until then its learning rate is multiplied
+    by :func:`lr_factor`. The last layer and parameters outside every layer follow
+    the plain cosine to zero at the end of training (``t = 1``, unscaled is then the
+    same as scaled), as the paper's classifier does.
+
+    How it touches the optimizer: at attach each layer's parameters move to a param
+    group of their own (a copy of the group they came from, with the extra key
+    ``"freezeout_layer"``), one group per layer per original group, in parameter
+    order. The group's ``lr`` stays what you or your LR scheduler set: FreezeOut
+    multiplies it by the layer's factor just for the duration of each
+    ``optimizer.step()`` (step pre- and post-hooks) and restores it exactly after,
+    so a scheduler composes multiplicatively with FreezeOut. Build such a scheduler
+    AFTER ``attach`` (it records one base rate per group); one built before sees
+    the old number of groups and is warned about. ``detach`` merges the groups
+    back in their original order.
+
+    Args:
+        t0: fraction of training at which the first layer freezes, in (0, 1].
+            Default 0.5.
+        spacing: ``"cubic"`` (default, the paper's best), ``"squared"`` or
+            ``"linear"``: how the freeze times of later layers grow to 1.
+        scale_lr: divide each layer's initial rate by its ``t_i`` (default True).
+
+    Example:
+        >>> from torch import nn
+        >>> from layerfreeze import LayerFreezing
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> freezing = LayerFreezing(policy=FreezeOut(t0=0.5, spacing="linear"), interval="step")
+        >>> _ = freezing.attach(net, opt, total_steps=4)
+        >>> len(opt.param_groups)
+        3
+        >>> for _ in range(4):
+        ...     net(torch.randn(2, 4)).sum().backward(); opt.step(); opt.zero_grad(); freezing.step()
+        >>> freezing.frozen_depth
+        2
+    """
+
+    def __init__(self, t0: float = 0.5, spacing: str = "cubic", scale_lr: bool = True):
+        if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not 0.0 < t0 <= 1.0:
+            raise ValueError(f"t0 must be a number in (0, 1], got {t0!r}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {', '.join(map(repr, SPACINGS))}, got {spacing!r}")
+        if not isinstance(scale_lr, bool):
+            raise TypeError(f"scale_lr must be a bool, got {type(scale_lr).__name__}")
+        self.t0 = float(t0)
+        self.spacing = spacing
+        self.scale_lr = scale_lr
+        self._step = 0
+        self._handles: list[Any] = []
+        self._saved: dict[int, tuple[torch.optim.Optimizer, list[Any]]] = {}
+        self._original: list[tuple[torch.optim.Optimizer, list[tuple[dict, list]]]] = []
+        self._times_for: Any = None
+        self._times: dict[str, float] = {}
+
+    # -- schedule ----------------------------------------------------------
+    def times(self) -> dict[str, float]:
+        """Freeze time of each layer by name (the last layer: 1.0, never frozen)."""
+        layers = self.context.layers
+        if self._times_for is layers:  # the list is replaced, never edited, when the order changes
+            return self._times
+        times = freeze_times(max(len(layers) - 1, 0), self.t0, self.spacing)
+        out = {layer.name: t for layer, t in zip(layers, times)}
+        for layer in layers[len(times):]:
+            out.setdefault(layer.name, 1.0)
+        self._times_for, self._times = layers, out
+        return out
+
+    def decide(self, progress: Progress) -> tuple[int, float]:
+        layers = self.context.layers
+        times = freeze_times(max(len(layers) - 1, 0), self.t0, self.spacing)
+        depth = 0
+        while depth < len(times) and progress.current_duration >= times[depth]:
+            depth += 1
+        return depth, depth / max(len(layers) - 1, 1)
+
+    def after_step(self, progress: Progress) -> None:
+        self._step = progress.step
+        self._total = progress.total_steps
+
+    # -- optimizer plumbing ------------------------------------------------
+    def bind(self, context: Context) -> None:
+        super().bind(context)
+        if context.total_steps is None:
+            raise ValueError("FreezeOut needs total_steps in its context (LayerFreezing.attach passes it)")
+        self._total = context.total_steps
+        owner: dict[int, str] = {}
+        for layer in context.layers:  # a tied parameter goes with the first layer holding it
+            for p in layer.module.parameters(recurse=False):
+                owner.setdefault(id(p), layer.name)
+        self._original = []
+        for optimizer in context.optimizers:
+            if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+                log.warning(
+                    "layerfreeze: FreezeOut splits %s's param groups by layer, but an LR scheduler was "
+                    "already built on it and keeps one base rate per old group. HINT: build the LR "
+                    "scheduler after LayerFreezing.attach()", type(optimizer).__name__,
+                )
+            originals = [(group, list(group["params"])) for group in optimizer.param_groups]
+            self._original.append((optimizer, originals))
+            new_groups = []
+            for group in optimizer.param_groups:
+                rest, by_layer = [], {}
+                for p in group["params"]:
+                    name = owner.get(id(p))
+                    if name is None:
+                        rest.append(p)
+                    else:
+                        by_layer.setdefault(name, []).append(p)
+                if rest or not by_layer:
+                    group["params"] = rest
+                    new_groups.append(group)
+                for name, params in by_layer.items():
+                    copy = {k: v for k, v in group.items() if k != "params"}
+                    copy["params"] = params
+                    copy[GROUP_KEY] = name
+                    new_groups.append(copy)
+            optimizer.param_groups[:] = new_groups
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+            self._handles.append(optimizer.register_step_post_hook(self._post_step))
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._restore(optimizer)  # a previous step that raised left its rates scaled
+        t = self._step / self._total if self._total else 0.0
+        t = min(t, 1.0)
+        times = self.times()
+        saved = []
+        for group in optimizer.param_groups:
+            t_i = times.get(group.get(GROUP_KEY), 1.0)
+            saved.append(group["lr"])
+            group["lr"] = group["lr"] * lr_factor(t, t_i, self.scale_lr)
+        self._saved[id(optimizer)] = (optimizer, saved)
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._restore(optimizer)
+
+    def _restore(self, optimizer: torch.optim.Optimizer) -> None:
+        entry = self._saved.pop(id(optimizer), None)
+        if entry is not None:
+            for group, lr in zip(optimizer.param_groups, entry[1]):
+                group["lr"] = lr
+
+    def release(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for optimizer, _ in list(self._saved.values()):
+            self._restore(optimizer)
+        for optimizer, originals in self._original:
+            self._merge(optimizer, originals)
+        self._original = []
+
+    @staticmethod
+    def _merge(optimizer: torch.optim.Optimizer, originals: list[tuple[dict, list]]) -> None:
+        # Put the groups back as the user built them. The hyperparameters come from
+        # the first current group holding one of the group's parameters, so values
+        # set since attach (by a scheduler, or by optimizer.load_state_dict, which
+        # replaces the group dicts) are kept.
+        current = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        expected = {id(p) for _, params in originals for p in params}
+        if set(current) != expected:
+            log.warning(
+                "layerfreeze: %s's parameters changed since attach; FreezeOut leaves its "
+                "per-layer param groups in place", type(optimizer).__name__,
+            )
+            return
+        merged = []
+        for group, params in originals:
+            source = next((current[id(p)] for p in params), group)
+            settings = {k: v for k, v in source.items() if k not in ("params", GROUP_KEY)}
+            group.clear()
+            group.update(settings)
+            group["params"] = params
+            merged.append(group)
+        optimizer.param_groups[:] = merged
+
+    # -- state -------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self._step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        step = state.get("step") if isinstance(state, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"FreezeOut state must hold a non-negative int 'step', got {state!r}")
+        self._step = step
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": "FreezeOut", "t0": self.t0, "spacing": self.spacing, "scale_lr": self.scale_lr}
