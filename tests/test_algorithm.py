@@ -243,3 +243,38 @@ def test_attach_twice_is_refused():
 def test_events_before_attach_are_refused(method):
     with pytest.raises(RuntimeError, match=rf"{method}\(\) called before attach\(\)"):
         getattr(lf.LayerFreezing(), method)()
+
+
+def test_warns_when_epoch_end_is_never_called(caplog):
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    freezing = lf.LayerFreezing(freeze_start=0.0).attach(model, opt, total_steps=4)
+    with caplog.at_level(logging.WARNING, logger="layerfreeze"):
+        for _ in range(4):
+            freezing.step()
+    assert caplog.text.count("epoch_end() was never called") == 1
+    assert freezing.frozen_depth == 0
+
+
+def test_numpy_integers_are_accepted_as_step_counts():
+    np = pytest.importorskip("numpy")
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    freezing = lf.LayerFreezing().attach(model, opt, total_steps=np.int64(8), steps_per_epoch=np.int32(2))
+    assert freezing.total_steps == 8 and type(freezing.total_steps) is int
+
+
+def test_checkpoint_before_the_execution_trace_keeps_tracing_after_resume():
+    model = Swapped()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    source = lf.LayerFreezing(freeze_start=0.0, order="execution", interval="step").attach(model, opt, 2)
+    state = source.state_dict()
+    assert state["traced"] is False
+    fresh = Swapped()
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.01)
+    resumed = lf.LayerFreezing(freeze_start=0.0, order="execution", interval="step")
+    resumed.load_state_dict(state)
+    resumed.attach(fresh, fresh_opt, 2)
+    train_step(fresh, [fresh_opt], batch_for(fresh))
+    resumed.step()
+    assert [layer.name for layer in resumed.layers] == ["c", "a", "b"]

@@ -8,7 +8,7 @@ events into :meth:`step` and :meth:`epoch_end` calls.
 from __future__ import annotations
 
 import logging
-import math
+import numbers
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -45,10 +45,10 @@ _STATE_KEYS = ("format", "step", "epoch", "depth", "fraction", "changes", "layer
 def _positive_int(name: str, value: object, *, optional: bool = False) -> Optional[int]:
     if optional and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         accepted = "a positive int or None" if optional else "a positive int"
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _as_runner(example_inputs: Any) -> Callable[[nn.Module], Any]:
@@ -179,8 +179,8 @@ class LayerFreezing:
         inner = validate_model(model)
         distributed.on_attach(model)
         optimizer_list = validate_optimizers(model, optimizers)
-        _positive_int("total_steps", total_steps)
-        _positive_int("steps_per_epoch", steps_per_epoch, optional=True)
+        total_steps = _positive_int("total_steps", total_steps)
+        steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch, optional=True)
         if self.policy.needs_costs and example_inputs is None:
             raise ValueError("example_inputs is required with measure='flops' (the policy counts layer FLOPs)")
 
@@ -191,7 +191,8 @@ class LayerFreezing:
                 "will freeze", type(inner).__name__, len(layers),
             )
         run = _as_runner(example_inputs) if example_inputs is not None else None
-        if self.order == "execution" and self._pending_state is None:
+        pending_traced = self._pending_state is not None and self._pending_state.get("traced", True)
+        if self.order == "execution" and not pending_traced:
             if run is not None:
                 layers = execution_order(inner, run, self.unit)
             else:
@@ -241,6 +242,8 @@ class LayerFreezing:
         elif self.steps_per_epoch is not None and self._step % self.steps_per_epoch == 0:
             self._epoch += 1
             self._decide()
+        elif self.steps_per_epoch is None and self._epoch == 0 and 2 * self._step > self.total_steps:
+            self._warn_no_epoch_end()
 
     def epoch_end(self) -> None:
         """Record the end of an epoch (what trainer integrations call)."""
@@ -292,7 +295,7 @@ class LayerFreezing:
         return {
             LAYERS_FROZEN: self.frozen_depth,
             PERCENTAGE_FROZEN: self._fraction,
-            PARAMS_FROZEN: len(self.frozen_parameters),
+            PARAMS_FROZEN: len(self._freezer.frozen_names) if self._freezer is not None else 0,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -307,6 +310,7 @@ class LayerFreezing:
             "fraction": self._fraction,
             "changes": self._changes,
             "layers": [layer.name for layer in self._freezer.layers],
+            "traced": self._tracer is None,
             "frozen": sorted(self._freezer.frozen_names),
             "policy": self.policy.state_dict(),
             "config": {
@@ -359,7 +363,7 @@ class LayerFreezing:
                 "the schedule continues on the new length", self.total_steps, saved_total,
             )
         self.policy.load_state_dict(state["policy"])
-        if self._tracer is not None:
+        if self._tracer is not None and state.get("traced", True):
             self._tracer.remove()
             self._tracer = None
         layers = [by_name[name] for name in state["layers"]]
@@ -450,6 +454,16 @@ class LayerFreezing:
                 layers[depth - 1].name if depth else "none", len(self._freezer.frozen_names),
             )
             self._hint_batchnorm()
+
+    def _warn_no_epoch_end(self) -> None:
+        if getattr(self, "_epoch_warned", False):
+            return
+        self._epoch_warned = True
+        log.warning(
+            "layerfreeze: %d of %d steps done and epoch_end() was never called; with interval='epoch' "
+            "and no steps_per_epoch nothing freezes. HINT: pass steps_per_epoch to attach(), call "
+            "freezing.epoch_end() at each epoch end, or use interval='step'", self._step, self.total_steps,
+        )
 
     def _hint_batchnorm(self) -> None:
         if self.batchnorm != "train" or getattr(self, "_bn_hinted", False):
