@@ -178,7 +178,6 @@ class LayerFreezing:
             raise RuntimeError("this LayerFreezing is already attached; call detach() first")
         inner = validate_model(model)
         distributed.on_attach(model)
-        distributed.on_attach(model)
         optimizer_list = validate_optimizers(model, optimizers)
         total_steps = _positive_int("total_steps", total_steps)
         steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch, optional=True)
@@ -423,7 +422,6 @@ class LayerFreezing:
     def _decide(self) -> None:
         self._resolve_layers()
         depth, fraction = self.policy.decide(self._progress())
-        distributed.check_agreement(self._wrapper, self._step, int(depth))
         distributed.check_agreement(self._wrapper, self._step, int(depth))
         limit = max(len(self._freezer.layers) - 1, 0)
         depth = min(max(int(depth), 0), limit)
