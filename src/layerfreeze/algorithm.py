@@ -200,7 +200,7 @@ class LayerFreezing:
         costs = layer_flops(inner, layers, run) if run is not None else None
 
         self._wrapper = model
-        self._context = Context(inner, optimizer_list, layers, costs, total_steps)
+        self._context = Context(inner, optimizer_list, layers, costs, total_steps, self._resolve_layers)
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         # The policy binds before the freezer records the param groups: a policy may

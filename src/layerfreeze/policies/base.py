@@ -10,7 +10,7 @@ below, and keeps everything it needs to resume in ``state_dict()``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -52,6 +52,10 @@ class Context:
         total_steps: optimizer steps in the whole run, as passed to attach (None
             when unknown); policies that act between decisions (FreezeOut's
             learning rates) need it before the first step.
+        resolve_layers: with ``order="execution"`` traced from the first training
+            forward, call it to make ``layers`` final as soon as that forward has
+            run (a policy acting inside ``optimizer.step`` needs the order then);
+            a no-op otherwise. None outside LayerFreezing.
     """
 
     model: nn.Module
@@ -59,6 +63,7 @@ class Context:
     layers: Sequence["Layer"]
     costs: Optional[Sequence[float]] = None
     total_steps: Optional[int] = None
+    resolve_layers: Optional[Callable[[], None]] = None
 
 
 class Policy:

@@ -194,6 +194,8 @@ class FreezeOut(Policy):
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._restore(optimizer)  # a previous step that raised left its rates scaled
+        if self.context.resolve_layers is not None:
+            self.context.resolve_layers()  # order="execution": the first forward has run by now
         t = self._step / self._total if self._total else 0.0
         t = min(t, 1.0)
         times = self.times()

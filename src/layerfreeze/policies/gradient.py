@@ -128,6 +128,8 @@ class GradientChange(Policy):
         # The layers list is replaced, never edited, when the execution order is
         # resolved; then the per-optimizer plans are rebuilt and a window's sums
         # are carried over by layer name.
+        if self.context.resolve_layers is not None:
+            self.context.resolve_layers()  # order="execution": the first forward has run by now
         layers = self.context.layers
         if self._plan_key is not layers:
             if self._sum is not None and self._plan_key is not None:
