@@ -1,0 +1,147 @@
+"""Helpers shared by the benchmark scripts in this folder.
+
+Timing rule of the project (DESIGN.md section 4): every speed figure is a ratio of
+medians measured side by side in one run, with the variants interleaved so that
+noise from other processes hits them alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CLOCKS",
+    "set_threads",
+    "interleaved_medians",
+    "no_grad_until",
+    "saved_bytes",
+    "grad_bytes",
+    "optimizer_state_bytes",
+    "table",
+    "fmt_ratio",
+]
+
+
+def set_threads(threads: int) -> None:
+    """Fix torch's intra-op threads, so every variant runs on the same cores."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+
+
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def interleaved_medians(
+    variants: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1, clock: str = "cpu"
+) -> dict[str, float]:
+    """Median seconds of each callable, timed in rounds that run every variant once.
+
+    The order inside a round rotates, so no variant always runs first (after a
+    pause) or last. ``warmup`` untimed rounds run first. ``clock="cpu"`` measures
+    the process's CPU time (the work done, all threads together), which other
+    tenants of a shared machine disturb far less than ``"wall"`` time.
+    """
+    now = CLOCKS[clock]
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = now()
+            variants[name]()
+            times[name].append(now() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+@contextlib.contextmanager
+def no_grad_until(model: nn.Module, boundary: Optional[nn.Module]) -> Iterator[None]:
+    """Run the forward pass of ``model`` under ``torch.no_grad()`` up to ``boundary``'s output.
+
+    The hand-written limit of freezing: the frozen prefix runs without autograd
+    at all, and gradients are enabled again as ``boundary`` returns. Grad mode is
+    thread-local state, so switching it from hooks is the same as wrapping the
+    prefix's code in ``with torch.no_grad():`` (which needs the model split in
+    two by hand). ``boundary=None`` means nothing is frozen.
+    """
+    if boundary is None:
+        yield
+        return
+
+    def start(module: nn.Module, args: Any) -> None:
+        torch.set_grad_enabled(False)
+
+    def stop(module: nn.Module, args: Any, output: Any) -> None:
+        torch.set_grad_enabled(True)
+
+    handles = [model.register_forward_pre_hook(start), boundary.register_forward_hook(stop)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        torch.set_grad_enabled(True)
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor], model: Optional[nn.Module] = None) -> tuple[torch.Tensor, int]:
+    """Run ``fn`` (a forward pass) and count the bytes autograd saves for backward.
+
+    Saved activations are what freezing frees beside gradients and optimizer
+    state; each storage is counted once (parameters saved by reference are
+    excluded when ``model`` is given, since they exist anyway).
+    """
+    seen: set[int] = set()
+    total = 0
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        try:
+            ptr = tensor.untyped_storage().data_ptr()
+        except RuntimeError:
+            return tensor
+        if ptr not in seen and ptr not in param_ptrs:
+            seen.add(ptr)
+            total += tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+def grad_bytes(model: nn.Module) -> int:
+    """Bytes held by ``.grad`` tensors of ``model``'s parameters."""
+    return sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of tensors in the optimizer's per-parameter state (momentum, Adam moments)."""
+    return sum(
+        value.nbytes
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor) and value.dim() > 0
+    )
+
+
+def fmt_ratio(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (what docs/performance.md shows)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

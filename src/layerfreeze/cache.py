@@ -1,0 +1,348 @@
+"""Frozen-prefix activation caching: compute a frozen prefix once per example.
+
+Once the leading layers of a model are frozen, their output for a training
+example never changes, provided the example's input is fixed (no random
+augmentation, as in fine-tuning on tokenized text) and the prefix is
+deterministic. Caching that output per example (keyed by its dataset index)
+skips the prefix's forward pass too, so a step costs about ``1 - f`` of an
+unfrozen one instead of ``1 - 2f/3`` (DESIGN.md section 4). The idea is the one
+behind FreezeOut's and AutoFreeze's caching of frozen activations (Brock et al.
+2017; Liu et al. 2021, "AutoFreeze", section 3.3).
+
+The model is given as *stages*, modules called one after the other; the cache
+cuts after the longest run of leading stages whose parameters are all frozen
+(``requires_grad=False``), so the cut follows :class:`layerfreeze.LayerFreezing`
+by itself, and entries are dropped whenever the cut moves or a prefix weight is
+changed in place.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    >>> net[0].requires_grad_(False)  # frozen, e.g. by LayerFreezing
+    Linear(in_features=4, out_features=8, bias=True)
+    >>> cache = PrefixCache(net)
+    >>> x, keys = torch.randn(3, 4), torch.tensor([10, 11, 12])
+    >>> y = cache(x, keys)     # computes net[0:2] and stores it per example
+    >>> y2 = cache(x, keys)    # reads net[0:2]'s output back; only net[2] runs
+    >>> bool(torch.equal(y, y2)), cache.cut, cache.hits
+    (True, 2, 3)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Hashable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = ["PrefixCache", "nondeterministic_modules"]
+
+log = logging.getLogger("layerfreeze")
+
+Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def nondeterministic_modules(module: nn.Module) -> list[str]:
+    """Names of submodules whose output in their current mode depends on more than the example.
+
+    Dropout (and AlphaDropout, RReLU) in training mode draw random numbers;
+    BatchNorm in training mode normalises with the statistics of the whole batch,
+    so one example's output depends on the others in its batch. Either makes a
+    cached output differ from the one the model would compute now.
+    """
+    found = []
+    for name, sub in module.named_modules():
+        if not sub.training:
+            continue
+        if isinstance(sub, (nn.modules.dropout._DropoutNd, nn.RReLU)):
+            if getattr(sub, "p", 1.0) > 0 or isinstance(sub, nn.RReLU):
+                found.append(name or type(sub).__name__)
+        elif isinstance(sub, nn.MultiheadAttention) and sub.dropout > 0:
+            found.append(name or type(sub).__name__)
+        elif isinstance(sub, nn.modules.batchnorm._NormBase) and not isinstance(
+            sub, nn.modules.instancenorm._InstanceNorm
+        ):
+            found.append(name or type(sub).__name__)
+    return found
+
+
+class _DiskStore:
+    """Per-example tensors appended to one file and read back with ``os.pread``."""
+
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, path = tempfile.mkstemp(prefix="layerfreeze-prefix-", suffix=".bin", dir=directory)
+        self.fd = handle
+        self.path = Path(path)
+        self.index: dict[Hashable, tuple[int, int, torch.dtype, torch.Size]] = {}
+        self.nbytes = 0
+
+    def put(self, key: Hashable, tensor: torch.Tensor) -> None:
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        os.pwrite(self.fd, data, self.nbytes)
+        self.index[key] = (self.nbytes, len(data), tensor.dtype, tensor.shape)
+        self.nbytes += len(data)
+
+    def get(self, key: Hashable, device: torch.device) -> Optional[torch.Tensor]:
+        entry = self.index.get(key)
+        if entry is None:
+            return None
+        offset, size, dtype, shape = entry
+        data = bytearray(os.pread(self.fd, size, offset))
+        return torch.frombuffer(data, dtype=dtype).reshape(shape).to(device)
+
+    def clear(self) -> None:
+        self.index.clear()
+        os.ftruncate(self.fd, 0)
+        self.nbytes = 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self.path.unlink(missing_ok=True)
+
+
+def _check_stages(stages: object) -> list[nn.Module]:
+    if isinstance(stages, nn.Module) and not isinstance(stages, nn.Sequential):
+        raise TypeError(
+            f"stages must be an nn.Sequential or a sequence of nn.Modules, got a {type(stages).__name__}; "
+            "HINT: give a split as [prefix_module, suffix_module]"
+        )
+    try:
+        modules = list(stages)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"stages must be an nn.Sequential or a sequence of nn.Modules, got {type(stages).__name__}"
+        ) from None
+    if len(modules) < 2:
+        raise ValueError(f"stages must hold at least 2 modules (a prefix and a suffix), got {len(modules)}")
+    for index, module in enumerate(modules):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"stages[{index}] must be an nn.Module, got {type(module).__name__}")
+    return modules
+
+
+class PrefixCache:
+    """Cache, per training example, the output of a model's frozen leading stages.
+
+    Call it in place of the model: ``cache(inputs, keys)`` runs the frozen prefix
+    (or reads its output back) and then the trainable stages. Use it only when
+    each example's input is the same every time it is seen. Off unless you build
+    one: nothing in :class:`layerfreeze.LayerFreezing` caches by itself.
+
+    Args:
+        stages: the model as modules called in order, each on the previous one's
+            output: an ``nn.Sequential``, or a list such as ``[prefix, suffix]``
+            for a model split by hand. The first stage gets ``*inputs``.
+        max_bytes: memory the cached outputs may take, in bytes. Default 1 GiB.
+            When it is full, new outputs spill to ``spill_dir`` or, without one,
+            are recomputed each time (entries are never evicted: with epochs that
+            visit every example, evicting would only trade one miss for another).
+        spill_dir: a directory for outputs past ``max_bytes`` (one file, removed
+            by :meth:`close`); None keeps everything in memory.
+        allow_nondeterministic: cache even if a prefix module is random or batch
+            dependent in its current mode (dropout, BatchNorm in training mode).
+            By default that raises, because the cached output would differ from
+            the one the model computes.
+
+    Attributes:
+        hits, misses: examples read back from the cache / computed, since the
+            last invalidation.
+
+    Raises:
+        TypeError, ValueError: for bad arguments.
+    """
+
+    def __init__(
+        self,
+        stages: Union[nn.Sequential, Sequence[nn.Module]],
+        *,
+        max_bytes: int = 1 << 30,
+        spill_dir: Optional[Union[str, os.PathLike]] = None,
+        allow_nondeterministic: bool = False,
+    ):
+        self.stages = _check_stages(stages)
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
+        if spill_dir is not None and not isinstance(spill_dir, (str, os.PathLike)):
+            raise TypeError(f"spill_dir must be a path or None, got {type(spill_dir).__name__}")
+        self.max_bytes = max_bytes
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self.allow_nondeterministic = bool(allow_nondeterministic)
+        self._params = [[p for p in stage.parameters()] for stage in self.stages]
+        # What the fingerprint watches. Buffers only when the prefix must be
+        # deterministic: a BatchNorm left training (allowed by the caller) moves
+        # its statistics on every miss, which would clear the cache each time.
+        self._state = [
+            [*params, *(stage.buffers() if not self.allow_nondeterministic else ())]
+            for stage, params in zip(self.stages, self._params)
+        ]
+        self._memory: dict[Hashable, torch.Tensor] = {}
+        self._disk: Optional[_DiskStore] = None
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._fingerprint: Optional[tuple[int, tuple[int, ...]]] = None
+
+    # -- queries -----------------------------------------------------------
+    @property
+    def cut(self) -> int:
+        """Number of leading stages cached now: those whose parameters are all frozen.
+
+        The last stage never counts: something must train.
+        """
+        cut = 0
+        for params in self._params[:-1]:
+            if any(p.requires_grad for p in params):
+                break
+            cut += 1
+        return cut
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes spilled to ``spill_dir``."""
+        return self._disk.nbytes if self._disk is not None else 0
+
+    def __len__(self) -> int:
+        return len(self._memory) + (len(self._disk.index) if self._disk is not None else 0)
+
+    # -- use ---------------------------------------------------------------
+    def __call__(self, inputs: Inputs, keys: Union[torch.Tensor, Sequence[Hashable]]) -> torch.Tensor:
+        """Run the whole model on a batch, its frozen prefix from the cache where possible.
+
+        Args:
+            inputs: the batch: a tensor, or a tuple of tensors given to the first
+                stage as positional arguments; examples along dimension 0.
+            keys: one key per example (its dataset index), a 1-D tensor or a list.
+
+        Returns:
+            The output of the last stage.
+        """
+        cut = self.cut
+        if cut == 0:
+            args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+            hidden = self.stages[0](*args)
+            cut = 1
+        else:
+            hidden = self.prefix(inputs, keys, cut=cut)
+        for stage in self.stages[cut:]:
+            hidden = stage(hidden)
+        return hidden
+
+    def prefix(self, inputs: Inputs, keys: Union[torch.Tensor, Sequence[Hashable]],
+               cut: Optional[int] = None) -> Any:
+        """Output of the first ``cut`` stages (default: the frozen ones) for the batch.
+
+        With ``cut == 0`` it returns ``inputs`` as a tuple, untouched.
+        """
+        args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        if cut is None:
+            cut = self.cut
+        if cut == 0:
+            return args
+        key_list = keys.tolist() if isinstance(keys, torch.Tensor) else list(keys)
+        batch = args[0].shape[0]
+        if len(key_list) != batch:
+            raise ValueError(f"keys must hold one key per example: got {len(key_list)} keys for a batch of {batch}")
+        self._validate(cut)
+        rows: list[Optional[torch.Tensor]] = [self._lookup(key, args[0].device) for key in key_list]
+        missing = [i for i, row in enumerate(rows) if row is None]
+        self.hits += batch - len(missing)
+        self.misses += len(missing)
+        if not missing:
+            return torch.stack(rows)  # type: ignore[arg-type]
+        if len(missing) == batch:
+            computed = self._run_prefix(args, cut)
+            self._store_rows(key_list, computed)
+            return computed
+        index = torch.tensor(missing, device=args[0].device)
+        computed = self._run_prefix(tuple(a.index_select(0, index) for a in args), cut)
+        self._store_rows([key_list[i] for i in missing], computed)
+        for position, i in enumerate(missing):
+            rows[i] = computed[position]
+        return torch.stack(rows)  # type: ignore[arg-type]
+
+    def invalidate(self) -> None:
+        """Drop every cached output (done by itself when the cut or a prefix weight changes)."""
+        self._memory.clear()
+        self.nbytes = 0
+        if self._disk is not None:
+            self._disk.clear()
+        self.hits = self.misses = 0
+
+    def close(self) -> None:
+        """Drop everything and delete the spill file."""
+        self.invalidate()
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None
+
+    def __del__(self) -> None:  # the spill file must not outlive the cache
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    # -- internals ---------------------------------------------------------
+    def _validate(self, cut: int) -> None:
+        # The tensors' version counters move on every in-place write (an optimizer
+        # step, load_state_dict), so an edited prefix is noticed without hashing it.
+        versions = tuple(t._version for state in self._state[:cut] for t in state)
+        fingerprint = (cut, versions)
+        if fingerprint != self._fingerprint:
+            if self._fingerprint is not None and len(self):
+                reason = "the frozen prefix changed" if cut == self._fingerprint[0] else (
+                    f"the cut moved from {self._fingerprint[0]} to {cut} stages")
+                log.info("layerfreeze: prefix cache cleared (%d entries): %s", len(self), reason)
+            self.invalidate()
+            self._fingerprint = fingerprint
+        if self.allow_nondeterministic:
+            return
+        random = [f"stages[{i}].{name}" if name else f"stages[{i}]"
+                  for i, stage in enumerate(self.stages[:cut]) for name in nondeterministic_modules(stage)]
+        if random:
+            shown = ", ".join(random[:3]) + (f" and {len(random) - 3} more" if len(random) > 3 else "")
+            raise RuntimeError(
+                f"PrefixCache refuses to cache a prefix that is not deterministic: {shown} "
+                "(dropout or BatchNorm in training mode) would give a different output than the cached one. "
+                "HINT: put the frozen stages in eval mode (LayerFreezing(batchnorm='eval') pins frozen "
+                "BatchNorm layers), or pass allow_nondeterministic=True to cache anyway"
+            )
+
+    def _run_prefix(self, args: tuple[torch.Tensor, ...], cut: int) -> torch.Tensor:
+        with torch.no_grad():
+            hidden = self.stages[0](*args)
+            for stage in self.stages[1:cut]:
+                hidden = stage(hidden)
+        if not isinstance(hidden, torch.Tensor):
+            raise TypeError(
+                f"the prefix (stages[:{cut}]) must return a tensor to be cached, got {type(hidden).__name__}"
+            )
+        return hidden
+
+    def _lookup(self, key: Hashable, device: torch.device) -> Optional[torch.Tensor]:
+        row = self._memory.get(key)
+        if row is None and self._disk is not None:
+            row = self._disk.get(key, device)
+        return row
+
+    def _store_rows(self, keys: Sequence[Hashable], computed: torch.Tensor) -> None:
+        for key, row in zip(keys, computed):
+            if key in self._memory or (self._disk is not None and key in self._disk.index):
+                continue
+            size = row.nelement() * row.element_size()
+            if self.nbytes + size <= self.max_bytes:
+                self._memory[key] = row.clone()
+                self.nbytes += size
+            elif self.spill_dir is not None:
+                if self._disk is None:
+                    self._disk = _DiskStore(self.spill_dir)
+                    log.info("layerfreeze: prefix cache is full (max_bytes=%d); spilling to %s",
+                             self.max_bytes, self._disk.path)
+                self._disk.put(key, row)
