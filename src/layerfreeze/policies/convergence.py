@@ -53,10 +53,12 @@ def linear_cka(gram_a: torch.Tensor, gram_b: torch.Tensor) -> float:
     """
     if gram_a.shape != gram_b.shape:
         return 0.0
+    if torch.equal(gram_a, gram_b):
+        return 1.0  # exactly, so that threshold=1.0 means "did not change at all"
     norm_a, norm_b = torch.linalg.norm(gram_a), torch.linalg.norm(gram_b)
     if norm_a == 0 or norm_b == 0:
         return 1.0 if norm_a == norm_b else 0.0
-    return float((gram_a * gram_b).sum() / (norm_a * norm_b))
+    return min(1.0, max(0.0, float((gram_a * gram_b).sum() / (norm_a * norm_b))))
 
 
 def _first_tensor(value: Any) -> Optional[torch.Tensor]:
