@@ -275,6 +275,24 @@ def test_builtin_comm_hook_is_reported(one_rank):
     assert "built-in communication hook" in distributed.rebuild_unsupported_reason(ddp)
 
 
+def test_powersgd_hook_is_reported(one_rank):
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+    ddp = DDP(_net())
+    ddp.register_comm_hook(powerSGD_hook.PowerSGDState(process_group=None), powerSGD_hook.powerSGD_hook)
+    assert "PowerSGD" in distributed.rebuild_unsupported_reason(ddp)
+
+
+def test_builtin_hook_registered_after_attach_is_never_dropped_silently(one_rank):
+    net = _net()
+    ddp = DDP(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    freezing = lf.LayerFreezing(interval="epoch").attach(ddp, opt, total_steps=10)
+    ddp._register_builtin_comm_hook(dist.BuiltinCommHookType.FP16_COMPRESS)
+    with pytest.raises(RuntimeError, match=r"can no longer be rebuilt.*built-in communication hook.*HINT"):
+        freezing.set_depth(1)
+
+
 def test_fallback_warns_and_freezes_the_composer_way(one_rank, monkeypatch, caplog):
     monkeypatch.setattr(distributed, "rebuild_unsupported_reason", lambda ddp: "simulated")
     net = _net()

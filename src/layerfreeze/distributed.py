@@ -132,7 +132,17 @@ def rebuild_unsupported_reason(ddp: nn.parallel.DistributedDataParallel) -> Opti
     hook_name = _logged_comm_hook(ddp)
     if hook_name and not ddp._comm_hooks:
         return f"a built-in communication hook ({hook_name}) is registered and cannot be re-registered"
+    if any(_keyed_by_bucket(state) for _, state in ddp._comm_hooks):
+        return "the communication hook keeps state per bucket index (PowerSGD), which a rebuild reorders"
     return None
+
+
+def _keyed_by_bucket(hook_state: object) -> bool:
+    try:
+        from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(hook_state, PowerSGDState)
 
 
 def _logged_comm_hook(ddp: nn.parallel.DistributedDataParallel) -> str:
@@ -232,6 +242,19 @@ def on_trainable_change(model: nn.Module) -> None:
     if state is None:  # called without on_attach: decide now; broadcast everything trainable
         state = _State(rebuild=rebuild_unsupported_reason(model) is None)
         _STATES[model] = state
+    if state.rebuild:
+        # A hook registered after attach may rule the rebuild out; never drop it silently.
+        reason = rebuild_unsupported_reason(model)
+        if reason is not None:
+            if not model.find_unused_parameters:
+                raise RuntimeError(
+                    f"the DDP reducer can no longer be rebuilt after a freeze change: {reason}. "
+                    "HINT: register communication hooks before LayerFreezing.attach, or wrap with "
+                    "find_unused_parameters=True"
+                )
+            log.warning("layerfreeze: the DDP reducer can no longer be rebuilt (%s); continuing "
+                        "with find_unused_parameters=True as built", reason)
+            state.rebuild = False
     _verify_same_everywhere(model, _trainable_names(model))
     now = _trainable_ids(model)
     thawed = [p for p in model.module.parameters() if id(p) in now - state.trainable]
