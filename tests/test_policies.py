@@ -25,11 +25,12 @@ def make_policy(name: str) -> Policy:
         "freezeout": lambda: FreezeOut(t0=0.3, spacing="cubic"),
         "freezeout_linear": lambda: FreezeOut(t0=0.25, spacing="linear", scale_lr=False),
         "gradient": lambda: GradientChange(every=2, percentile=90.0),
+        "gradient_sampled": lambda: GradientChange(every=4, percentile=90.0, samples=2),
         "convergence": lambda: Convergence(threshold=0.9999, every=2, max_samples=8),
     }[name]()
 
 
-POLICIES = ["linear", "freezeout", "freezeout_linear", "gradient", "convergence"]
+POLICIES = ["linear", "freezeout", "freezeout_linear", "gradient", "gradient_sampled", "convergence"]
 MODELS = {"mlp": lambda: mlp(5, 6), "convbn": ConvBN, "encoder": TinyEncoder, "swapped": Swapped}
 
 

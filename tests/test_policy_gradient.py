@@ -75,6 +75,15 @@ def test_window_means_are_each_layers_gradient_norm_averaged_over_the_window():
         assert value == pytest.approx(expected, rel=1e-6)
 
 
+def test_samples_measure_evenly_spaced_steps_ending_each_window():
+    policy = GradientChange(every=6, percentile=0.0, samples=3)  # window positions 2, 4, 6
+    _, _, freezing, grads = run(policy, 12)
+    previous = freezing.state_dict()["policy"]["previous"]  # the window of steps 7..12
+    for name, value in previous.items():
+        expected = (grads[7][name] + grads[9][name] + grads[11][name]) / 3
+        assert value == pytest.approx(expected, rel=1e-6)
+
+
 def test_decision_freezes_the_leading_layers_below_the_percentile():
     policy = GradientChange(every=3, percentile=60.0)
     _, _, freezing, grads = run(policy, 6)
@@ -123,6 +132,7 @@ def test_observes_after_gradient_clipping():
     [
         ({"every": 0}, r"every must be a positive int, got 0"),
         ({"every": 2.5}, r"every must be a positive int, got 2.5"),
+        ({"samples": 0}, r"samples must be a positive int, got 0"),
         ({"percentile": -1}, r"percentile must be a number in \[0, 100\], got -1"),
         ({"percentile": 101.0}, r"percentile must be a number in \[0, 100\], got 101.0"),
     ],
