@@ -1,0 +1,121 @@
+"""torch.compile under freezing: one recompilation per freeze change at most, bounded by max_changes."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import layerfreeze as lf
+
+dynamo = pytest.importorskip("torch._dynamo")
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend  # noqa: E402
+
+
+def small_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)
+    )
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, freezing: lf.LayerFreezing, run: nn.Module,
+          steps: int) -> list[int]:
+    """Train ``steps`` steps through ``run``; returns the frozen depth at each forward pass."""
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
+    depths = []
+    for _ in range(steps):
+        depths.append(freezing.frozen_depth)
+        run(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        freezing.step()
+    return depths
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    dynamo.reset()
+    yield
+    dynamo.reset()
+
+
+def test_one_compilation_per_frozen_set_with_aot_eager():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezing = lf.LayerFreezing(freeze_start=0.0, interval="step").attach(model, opt, total_steps=8)
+    counter = CompileCounterWithBackend("aot_eager")
+    depths = train(model, opt, freezing, torch.compile(model, backend=counter), steps=8)
+    assert freezing.frozen_depth == 3 and freezing.metrics[lf.LAYERS_FROZEN] == 3
+    # Each frozen set seen by a forward pass compiled exactly once: a recompile per change, no more.
+    assert counter.frame_count == len(set(depths)) == 3
+    assert counter.frame_count <= 1 + freezing.state_dict()["changes"]
+
+
+def test_compiled_training_matches_eager_bit_for_bit():
+    eager, compiled = small_mlp(), small_mlp()
+    results = []
+    for model, wrap in ((eager, lambda m: m), (compiled, lambda m: torch.compile(m, backend=CompileCounter()))):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        freezing = lf.LayerFreezing(freeze_start=0.0, interval="step").attach(model, opt, total_steps=8)
+        results.append((train(model, opt, freezing, wrap(model), steps=8), copy.deepcopy(model.state_dict())))
+    (eager_depths, eager_state), (compiled_depths, compiled_state) = results
+    assert eager_depths == compiled_depths
+    for name in eager_state:
+        assert torch.equal(eager_state[name], compiled_state[name]), name
+
+
+def test_frozen_weights_do_not_move_under_compile():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    freezing = lf.LayerFreezing(interval="step").attach(model, opt, total_steps=100)
+    compiled = torch.compile(model, backend=CompileCounter())
+    train(model, opt, freezing, compiled, steps=2)
+    freezing.set_depth(2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, opt, freezing, compiled, steps=3)
+    for name in ("0.weight", "0.bias", "2.weight", "2.bias"):
+        assert torch.equal(model.get_parameter(name), before[name]), name
+    assert not torch.equal(model.get_parameter("6.weight"), before["6.weight"])
+
+
+def test_returning_to_an_earlier_depth_reuses_its_compilation():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezing = lf.LayerFreezing(interval="epoch").attach(model, opt, total_steps=100)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(3, 4)
+    for depth in (0, 2, 0, 2, 0):
+        freezing.set_depth(depth)
+        compiled(x).sum().backward()
+        opt.zero_grad()
+    assert counter.frame_count == 2
+
+
+def test_max_changes_bounds_recompilations():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezing = lf.LayerFreezing(freeze_start=0.0, interval="step", max_changes=1).attach(model, opt, total_steps=8)
+    counter = CompileCounter()
+    depths = train(model, opt, freezing, torch.compile(model, backend=counter), steps=8)
+    assert freezing.state_dict()["changes"] == 1
+    assert sorted(set(depths)) == [0, 1]  # the schedule asked for 3; one change was allowed
+    assert counter.frame_count == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("LAYERFREEZE_TEST_INDUCTOR") != "1",
+    reason="inductor builds C++ kernels: about a minute on a 2-core CPU; set LAYERFREEZE_TEST_INDUCTOR=1 to run",
+)
+def test_inductor_recompiles_once_per_change():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezing = lf.LayerFreezing(freeze_start=0.0, interval="step").attach(model, opt, total_steps=8)
+    counter = CompileCounterWithBackend("inductor")
+    depths = train(model, opt, freezing, torch.compile(model, backend=counter), steps=8)
+    assert counter.frame_count == len(set(depths)) == 3
