@@ -1,8 +1,8 @@
-"""One rank of the distributed tests: ``python _dist_worker.py GROUP OUTDIR``.
+"""One rank of the distributed tests: ``python _dist_worker.py OUTDIR``.
 
 Started twice by tests/test_distributed.py with RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT set (gloo on 127.0.0.1). Runs every scenario of GROUP in order and
-saves what the tests compare to OUTDIR/GROUP-rank{RANK}.pt. A scenario that
+MASTER_PORT set (gloo on 127.0.0.1). Runs every scenario in order and saves
+what the tests compare to OUTDIR/rank{RANK}.pt after each one. A scenario that
 raises records the message and the next one runs; collectives time out after
 ``LF_DIST_TIMEOUT`` seconds, so a disagreement between ranks ends the process
 instead of hanging it (the test also kills it after its own timeout).
@@ -314,41 +314,37 @@ def run_fsdp1(rank: int, world: int, use_orig_params: bool) -> dict[str, Any]:
         return {"error": str(error)}
 
 
-def scenarios(group: str, rank: int, world: int, out: str) -> dict[str, Callable[[], Any]]:
-    if group == "ddp":
-        return {
-            "convnet": lambda: run_schedule("convnet", rank, world, {}),
-            "convnet_ref": lambda: run_schedule("convnet", 0, 1) if rank == 0 else None,
-            "convnet_static": lambda: run_schedule("convnet", rank, world, {"static_graph": True}),
-            "convnet_view": lambda: run_schedule("convnet", rank, world, {"gradient_as_bucket_view": True},
-                                                 opt_name="adam"),
-            "convnet_view_ref": lambda: run_schedule("convnet", 0, 1, opt_name="adam") if rank == 0 else None,
-            "transformer": lambda: run_schedule("transformer", rank, world, {}),
-            "transformer_ref": lambda: run_schedule("transformer", 0, 1) if rank == 0 else None,
-            "traffic": lambda: run_traffic(rank, world, composer=False),
-            "traffic_composer": lambda: run_traffic(rank, world, composer=True),
-            "unfreeze": lambda: run_unfreeze("transformer", rank, world, ddp=True),
-            "unfreeze_ref": lambda: run_unfreeze("transformer", 0, 1, ddp=False) if rank == 0 else None,
-            "resume": lambda: run_resume(rank, world, os.path.join(out, "ckpt.pt")),
-            "disagree": lambda: run_disagree(rank, world),
-            "debug_disagree": lambda: run_debug_disagree(rank, world),
-            "plain_ddp_thaw": lambda: run_plain_ddp_thaw(rank, world, attach=False),
-            "thaw_then_attach": lambda: run_plain_ddp_thaw(rank, world, attach=True),
-            # last: leaves DDP in an error state by design
-            "plain_ddp_freeze": lambda: run_plain_ddp_freeze(rank, world),
-        }
-    if group == "fsdp":
-        return {
-            "convnet_ref": lambda: run_schedule("convnet", 0, 1) if rank == 0 else None,
-            "fsdp2": lambda: run_fsdp2(rank, world),
-            "fsdp1_orig": lambda: run_fsdp1(rank, world, use_orig_params=True),
-            "fsdp1_flat": lambda: run_fsdp1(rank, world, use_orig_params=False),
-        }
-    raise SystemExit(f"unknown group {group!r}")
+def scenarios(rank: int, world: int, out: str) -> dict[str, Callable[[], Any]]:
+    """Every scenario, in the order the ranks run them (results are keyed by name)."""
+    reference = rank == 0  # one-process references are computed on rank 0 only
+    return {
+        "convnet": lambda: run_schedule("convnet", rank, world, {}),
+        "convnet_ref": lambda: run_schedule("convnet", 0, 1) if reference else None,
+        "convnet_static": lambda: run_schedule("convnet", rank, world, {"static_graph": True}),
+        "convnet_view": lambda: run_schedule("convnet", rank, world, {"gradient_as_bucket_view": True},
+                                             opt_name="adam"),
+        "convnet_view_ref": lambda: run_schedule("convnet", 0, 1, opt_name="adam") if reference else None,
+        "transformer": lambda: run_schedule("transformer", rank, world, {}),
+        "transformer_ref": lambda: run_schedule("transformer", 0, 1) if reference else None,
+        "traffic": lambda: run_traffic(rank, world, composer=False),
+        "traffic_composer": lambda: run_traffic(rank, world, composer=True),
+        "unfreeze": lambda: run_unfreeze("transformer", rank, world, ddp=True),
+        "unfreeze_ref": lambda: run_unfreeze("transformer", 0, 1, ddp=False) if reference else None,
+        "resume": lambda: run_resume(rank, world, os.path.join(out, "ckpt.pt")),
+        "disagree": lambda: run_disagree(rank, world),
+        "debug_disagree": lambda: run_debug_disagree(rank, world),
+        "thaw_then_attach": lambda: run_plain_ddp_thaw(rank, world, attach=True),
+        "fsdp2": lambda: run_fsdp2(rank, world),
+        "fsdp1_orig": lambda: run_fsdp1(rank, world, use_orig_params=True),
+        "fsdp1_flat": lambda: run_fsdp1(rank, world, use_orig_params=False),
+        # controls last: they leave their DDP objects broken by design
+        "plain_ddp_thaw": lambda: run_plain_ddp_thaw(rank, world, attach=False),
+        "plain_ddp_freeze": lambda: run_plain_ddp_freeze(rank, world),
+    }
 
 
 def main() -> None:
-    group, out = sys.argv[1], sys.argv[2]
+    out = sys.argv[1]
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     timeout = datetime.timedelta(seconds=float(os.environ.get("LF_DIST_TIMEOUT", "30")))
@@ -356,14 +352,14 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results: dict[str, Any] = {}
     try:
-        for name, scenario in scenarios(group, rank, world, out).items():
+        for name, scenario in scenarios(rank, world, out).items():
             start = time.perf_counter()
             try:
                 results[name] = scenario()
             except Exception:  # recorded for the test to report
                 results[name] = {"exception": traceback.format_exc()}
             print(f"{name}: {time.perf_counter() - start:.2f}s", flush=True)
-            torch.save(results, os.path.join(out, f"{group}-rank{rank}.pt"))
+            torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

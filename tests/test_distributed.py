@@ -2,8 +2,8 @@
 
 Two kinds of tests:
 
-* two ranks (gloo on 127.0.0.1): tests/_dist_worker.py runs every scenario of a
-  group once per module (two processes, killed after ``LAUNCH_TIMEOUT`` s; the
+* two ranks (gloo on 127.0.0.1): tests/_dist_worker.py runs every scenario once
+  per module (two processes, killed after ``LAUNCH_TIMEOUT`` s; the
   collectives themselves time out after 30 s), and the tests compare what the
   ranks saved. Tolerance against one process over the same global batch:
   ``ATOL`` absolute after 8 steps (observed <= 6e-8; the all-reduce averages two
@@ -43,13 +43,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(group: str, out: Path, world: int = 2) -> list[dict]:
+def launch(out: Path, world: int = 2) -> list[dict]:
     """Run the worker on ``world`` ranks; return each rank's results."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                WORLD_SIZE=str(world), LF_DIST_TIMEOUT="30", OMP_NUM_THREADS="1")
     env.pop("TORCH_DISTRIBUTED_DEBUG", None)
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), group, str(out)], env=dict(env, RANK=str(rank)),
+        subprocess.Popen([sys.executable, str(WORKER), str(out)], env=dict(env, RANK=str(rank)),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in range(world)
     ]
@@ -64,9 +64,9 @@ def launch(group: str, out: Path, world: int = 2) -> list[dict]:
                 proc.wait()
     results = []
     for rank, proc in enumerate(procs):
-        path = out / f"{group}-rank{rank}.pt"
+        path = out / f"rank{rank}.pt"
         if proc.returncode != 0 or not path.exists():
-            pytest.fail(f"rank {rank} of {group!r} exited with {proc.returncode}:\n" + "\n".join(logs))
+            pytest.fail(f"rank {rank} exited with {proc.returncode}:\n" + "\n".join(logs))
         results.append(torch.load(path, weights_only=False))
     return results
 
@@ -92,12 +92,12 @@ def assert_params_close(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> list[dict]:
-    return launch("ddp", tmp_path_factory.mktemp("ddp"))
+    return launch(tmp_path_factory.mktemp("ranks"))
 
 
-@pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory) -> list[dict]:
-    return launch("fsdp", tmp_path_factory.mktemp("fsdp"))
+@pytest.fixture
+def fsdp_runs(ddp_runs) -> list[dict]:
+    return ddp_runs  # one launch runs the DDP and the FSDP scenarios
 
 
 # -- two ranks: DDP ------------------------------------------------------------------
