@@ -19,5 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 bench: $(STAMP)
 	$(VENV)/bin/layerfreeze bench
 
+# Composer pins an older torch: its tests run in their own venv (scripts/composer_venv.sh).
 test: $(STAMP)
+	bash scripts/composer_venv.sh .venv-composer
+	.venv-composer/bin/python -m pytest -q -p no:cacheprovider tests/test_integration_composer.py
 	$(PY) -m pytest -q

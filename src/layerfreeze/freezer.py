@@ -188,7 +188,10 @@ def validate_optimizers(model: nn.Module, optimizers: object) -> list[torch.opti
         )
     model_ids = {id(p) for p in unwrap_model(model).parameters()}
     for index, optimizer in enumerate(optimizer_list):
-        if not any(id(p) in model_ids for g in optimizer.param_groups for p in g["params"]):
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        # An optimizer emptied by earlier freezing is still the model's (repeated
+        # freeze_layers calls, as in Composer); only a foreign one is an error.
+        if held and not any(id(p) in model_ids for p in held):
             raise ValueError(
                 f"optimizers[{index}] ({type(optimizer).__name__}) holds none of the model's "
                 "parameters; pass the optimizer that trains this model"
