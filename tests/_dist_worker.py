@@ -232,6 +232,27 @@ def run_debug_disagree(rank: int, world: int) -> dict[str, Any]:
     return {"error": None, "depth": freezing.frozen_depth}
 
 
+def run_adaptive(rank: int, world: int) -> dict[str, Any]:
+    """GradientChange decides from gradients: all-reduced, so every rank decides alike.
+
+    Runs under TORCH_DISTRIBUTED_DEBUG=INFO, so the ranks compare step and depth at
+    every decision and any disagreement raises.
+    """
+    model = convnet()
+    ddp = DDP(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    policy = lf.policies.GradientChange(every=2, percentile=75.0)
+    freezing = lf.LayerFreezing(interval="step", policy=policy).attach(ddp, opt, total_steps=12)
+    depths: list[int] = []
+    os.environ["TORCH_DISTRIBUTED_DEBUG"] = "INFO"
+    try:
+        train(ddp, opt, "convnet", range(12), rank, world,
+              lambda s: (freezing.step(), depths.append(freezing.frozen_depth)))
+    finally:
+        del os.environ["TORCH_DISTRIBUTED_DEBUG"]
+    return {"depths": depths, "params": params_of(model)}
+
+
 def run_plain_ddp_freeze(rank: int, world: int) -> dict[str, Any]:
     """Control: the failure this module exists for (requires_grad=False after wrapping)."""
     model = convnet()
@@ -333,6 +354,7 @@ def scenarios(rank: int, world: int, out: str) -> dict[str, Callable[[], Any]]:
         "resume": lambda: run_resume(rank, world, os.path.join(out, "ckpt.pt")),
         "disagree": lambda: run_disagree(rank, world),
         "debug_disagree": lambda: run_debug_disagree(rank, world),
+        "adaptive": lambda: run_adaptive(rank, world),
         "thaw_then_attach": lambda: run_plain_ddp_thaw(rank, world, attach=True),
         "fsdp2": lambda: run_fsdp2(rank, world),
         "fsdp1_orig": lambda: run_fsdp1(rank, world, use_orig_params=True),

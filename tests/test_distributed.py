@@ -188,6 +188,13 @@ def test_debug_mode_catches_disagreement_before_the_change(ddp_runs):
         assert result["depth"] == 0  # nothing was applied
 
 
+def test_adaptive_policy_decides_alike_on_every_rank(ddp_runs):
+    # GradientChange reads all-reduced gradients; checked at every decision (debug mode).
+    r0, r1 = ok(ddp_runs[0]["adaptive"]), ok(ddp_runs[1]["adaptive"])
+    assert r0["depths"] == r1["depths"] and r0["depths"][-1] > 0
+    assert_params_equal(r0["params"], r1["params"])
+
+
 # -- two ranks: FSDP -----------------------------------------------------------------
 @pytest.mark.parametrize("name", ["fsdp2", "fsdp1_orig"])
 def test_fsdp_freezes_like_one_process(fsdp_runs, name):
