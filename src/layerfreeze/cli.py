@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from typing import Any, Optional, Sequence
 
 __all__ = ["main", "build_parser"]
@@ -66,6 +67,36 @@ def _default_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def _other_busy_cpus() -> Optional[int]:
+    """CPUs kept busy by other processes right now (Linux), from /proc/loadavg's
+    runnable count (median of a few samples, less this process); None elsewhere."""
+    samples = []
+    try:
+        for _ in range(5):
+            with open("/proc/loadavg", encoding="ascii") as handle:
+                samples.append(int(handle.read().split()[3].split("/")[0]))
+            time.sleep(0.05)
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, sorted(samples)[len(samples) // 2] - 1)
+
+
+def _bench_threads() -> tuple[int, Optional[str]]:
+    """Default threads for the bench: min(2, cpus), fewer when other work holds the CPUs.
+
+    Oversubscribed intra-op threads wait on each other: on a 2-core machine with two
+    other busy processes, 2 torch threads ran resnet20 about 4x slower than 1.
+    """
+    cpus = os.cpu_count() or 1
+    threads = _default_threads()
+    busy = _other_busy_cpus()
+    if busy is None or cpus - busy >= threads:
+        return threads, None
+    reduced = max(1, cpus - busy)
+    return reduced, (f"{reduced} thread(s): {busy} of {cpus} CPUs are busy with other work, so timings will be "
+                     f"noisy. HINT: run on an idle machine, or pass --threads {threads} to insist")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``layerfreeze`` and its subcommands."""
     from .bench.models import MODELS
@@ -106,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output-dir", default="layerfreeze-bench",
                        help="where bench.json and bench.png go (default ./layerfreeze-bench)")
     bench.add_argument("--threads", type=_positive_int, default=None,
-                       help=f"torch CPU threads (default min(2, cpus) = {_default_threads()})")
+                       help=f"torch CPU threads (default min(2, cpus) = {_default_threads()}, fewer while other "
+                       "processes keep the CPUs busy)")
     bench.add_argument("--input-shape", help="per-example input shape for --data synthetic with your own model, "
                        "e.g. 3,32,32")
     bench.add_argument("--input-dtype", help="input dtype for --data synthetic with your own model (float32, long, ...)")
@@ -261,7 +293,7 @@ def _bench(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     defaults = QUICK if args.quick else DEFAULTS
     epochs = args.epochs or defaults["epochs"]
     seeds = list(range(args.seeds or defaults["seeds"]))
-    threads = args.threads or _default_threads()
+    threads, threads_note = (args.threads, None) if args.threads else _bench_threads()
     variants = parse_variants(args.variants)
     ref = resolve_model(args.model)
     shape = parse_shape(args.input_shape)
@@ -304,6 +336,8 @@ def _bench(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     notes = _NoteCollector()
     log.addHandler(notes)
     err.print(f"layerfreeze bench: {title}")
+    if threads_note:
+        err.print(f"  note: {threads_note}")
     err.print(f"  {len(variants) * len(seeds)} runs ({', '.join(v.name for v in variants)}), interleaved across seeds; "
               "Ctrl-C stops and keeps the finished runs")
     try:
@@ -381,3 +415,7 @@ def _run_with_progress(err: Any, quiet: bool, ref: Any, data: Any, variants: Any
 
         return run_bench(ref, data, variants, seeds, settings, on_step=on_step,
                          on_run=lambda r: progress.console.print(line(r)))
+
+
+if __name__ == "__main__":  # python -m layerfreeze.cli
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""The ``layerfreeze`` command end to end: subprocesses on tiny settings, plus error paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import layerfreeze as lf
+from layerfreeze.bench.models import resnet20
+from layerfreeze.cli import main
+
+TIMEOUT = 120  # seconds; every subprocess here ends well before
+
+
+def _run(*args: str, cwd=None, env_extra=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "250", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "layerfreeze.cli", *args], capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=cwd, env=env)
+
+
+# -- the results JSON schema (DESIGN: documented in layerfreeze.bench.report) ---------
+
+NUMBER = (int, float)
+RUN = {
+    "variant": str, "seed": int, "train_seconds": NUMBER, "eval_seconds": NUMBER, "test_accuracy": NUMBER,
+    "final_train_loss": NUMBER, "epoch_train_loss": [NUMBER], "steps": int, "layers": int,
+    "frozen_depth_end": int, "frozen_layer_share_end": NUMBER, "frozen_flops_share_end": NUMBER,
+    "params_frozen_end": int, "depth_changes": [[int]], "predicted_speedup": NUMBER,
+}
+SUMMARY = {
+    "variant": str, "runs": int, "baseline": str, "median_train_seconds": NUMBER, "speedup": NUMBER,
+    "accuracy_mean": NUMBER, "accuracy_ci95": (int, float, type(None)), "frozen_layer_share_end": NUMBER,
+    "frozen_flops_share_end": NUMBER, "predicted_speedup": NUMBER,
+}
+SCHEMA = {
+    "format": str, "created": str, "interrupted": bool, "command": [str],
+    "config": {
+        "model": str, "epochs": int, "batch_size": int, "steps_per_epoch": int, "total_steps": int,
+        "seeds": [int], "interval": str, "lr": NUMBER, "optimizer": str, "threads": int, "quick": bool,
+        "data": {"name": str, "train_size": int, "test_size": int, "input_shape": [int], "input_dtype": str,
+                 "num_classes": int},
+        "variants": [{"name": str, "description": str}],
+    },
+    "environment": {"python": str, "torch": str, "layerfreeze": str, "platform": str, "machine": str,
+                    "processor": str, "cpu_count": int, "threads": int},
+    "runs": [RUN],
+    "summary": [SUMMARY],
+}
+
+
+def check_schema(value, schema, where="$"):
+    """Exact keys for objects, element schema for arrays, types for leaves (bool is not a number)."""
+    if isinstance(schema, dict):
+        assert isinstance(value, dict), f"{where}: expected an object, got {value!r}"
+        assert set(value) == set(schema), f"{where}: keys {sorted(value)} != {sorted(schema)}"
+        for key, sub in schema.items():
+            check_schema(value[key], sub, f"{where}.{key}")
+    elif isinstance(schema, list):
+        assert isinstance(value, list), f"{where}: expected an array, got {value!r}"
+        for index, item in enumerate(value):
+            check_schema(item, schema[0], f"{where}[{index}]")
+    else:
+        types = schema if isinstance(schema, tuple) else (schema,)
+        assert isinstance(value, types) and (bool in types or not isinstance(value, bool)), (
+            f"{where}: {value!r} is not {types}")
+
+
+def check_png(path) -> None:
+    from matplotlib.image import imread
+
+    with open(path, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    height, width = imread(str(path)).shape[:2]
+    assert height >= 300 and width >= 400
+
+
+def check_numbers(document) -> None:
+    runs, summary = document["runs"], document["summary"]
+    for run in runs:
+        assert 0.0 <= run["test_accuracy"] <= 1.0
+        assert run["train_seconds"] > 0 and run["steps"] == document["config"]["total_steps"]
+        assert 0 <= run["frozen_depth_end"] < run["layers"]
+        assert run["frozen_layer_share_end"] == pytest.approx(run["frozen_depth_end"] / run["layers"])
+    baseline = summary[0]["baseline"]
+    base_times = sorted(r["train_seconds"] for r in runs if r["variant"] == baseline)
+    for row in summary:
+        times = sorted(r["train_seconds"] for r in runs if r["variant"] == row["variant"])
+        accuracies = [r["test_accuracy"] for r in runs if r["variant"] == row["variant"]]
+        median = lambda xs: (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2  # noqa: E731
+        assert row["runs"] == len(times)
+        assert row["median_train_seconds"] == pytest.approx(median(times))
+        assert row["speedup"] == pytest.approx(median(base_times) / median(times))
+        assert row["accuracy_mean"] == pytest.approx(sum(accuracies) / len(accuracies))
+        assert 0.0 <= row["accuracy_mean"] <= 1.0
+
+
+# -- help -------------------------------------------------------------------------
+
+
+def test_help_on_each_command(capsys):
+    result = _run("--help")  # the real entry point once; the subcommands in-process
+    assert result.returncode == 0, result.stderr
+    assert "bench" in result.stdout and "plan" in result.stdout
+    for args, expected in ((["bench", "--help"], "--variants"), (["plan", "--help"], "--freeze-start")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 0
+        assert expected in capsys.readouterr().out
+
+
+# -- bench ------------------------------------------------------------------------
+
+
+def test_bench_end_to_end(tmp_path):
+    out = tmp_path / "results"
+    result = _run("bench", "--model", "mlp", "--epochs", "3", "--seeds", "2", "--output-dir", str(out),
+                  "--threads", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    document = json.loads((out / "bench.json").read_text())
+    check_schema(document, SCHEMA)
+    check_numbers(document)
+    check_png(out / "bench.png")
+    assert document["interrupted"] is False
+    assert document["config"]["data"] == {"name": "digits", "train_size": 1437, "test_size": 360,
+                                          "input_shape": [1, 32, 32], "input_dtype": "float32", "num_classes": 10}
+    # Interleaved: each seed runs every variant before the next seed starts.
+    assert [(r["seed"], r["variant"]) for r in document["runs"]] == [
+        (s, v) for s in (0, 1) for v in ("none", "composer", "start0.1")]
+    assert [row["variant"] for row in document["summary"]] == ["none", "composer", "start0.1"]
+    # The printed table carries the JSON's figures.
+    for row in document["summary"]:
+        line = next(line for line in result.stdout.splitlines() if f" {row['variant']} " in line)
+        assert f"{row['speedup']:.2f}x" in line
+        assert f"{100 * row['accuracy_mean']:.1f}% ± {100 * row['accuracy_ci95']:.1f}" in line
+    # start0.1 freezes during training; composer's decisions (epoch ends at 1/3, 2/3) freeze some too.
+    start = [r for r in document["runs"] if r["variant"] == "start0.1"]
+    assert all(r["frozen_depth_end"] > 0 and r["predicted_speedup"] > 1 for r in start)
+    assert "run 6/6 start0.1 seed 1" in result.stderr
+
+
+def test_bench_user_model_on_synthetic_data(tmp_path, monkeypatch, capsys):
+    (tmp_path / "usernet.py").write_text(textwrap.dedent("""
+        import torch
+        def net():
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    code = main(["bench", "--model", "usernet:net", "--data", "synthetic", "--input-shape", "3,2,2",
+                 "--epochs", "2", "--seeds", "1", "--variants", "start0.1,none", "--output-dir", str(out),
+                 "--threads", "1", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    document = json.loads((out / "bench.json").read_text())
+    check_schema(document, SCHEMA)
+    check_numbers(document)
+    assert document["config"]["data"]["input_shape"] == [3, 2, 2]
+    assert [row["variant"] for row in document["summary"]] == ["start0.1", "none"]
+    assert document["summary"][0]["baseline"] == "none"
+
+
+def test_ctrl_c_keeps_finished_runs(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "layerfreeze.cli", "bench", "--model", "mlp", "--data", "synthetic",
+         "--epochs", "5", "--seeds", "5", "--output-dir", str(out), "--threads", "1", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    watchdog = threading.Timer(TIMEOUT, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stderr:
+            if "run 1/15" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted after" in stderr and "their results are saved" in stderr
+    document = json.loads((out / "bench.json").read_text())
+    check_schema(document, SCHEMA)
+    assert document["interrupted"] is True
+    assert 1 <= len(document["runs"]) < 15
+    check_numbers(document)
+    check_png(out / "bench.png")
+
+
+def test_list_variants(capsys):
+    assert main(["bench", "--list-variants"]) == 0
+    text = capsys.readouterr().out
+    assert "none" in text and "composer" in text and "freeze_start=0.1" in text
+
+
+# -- plan -------------------------------------------------------------------------
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines()
+            if re.match(r"^│\s*\d+\s*│", line)]
+
+
+def test_plan_end_to_end(tmp_path):
+    plot = tmp_path / "plan.png"
+    result = _run("plan", "resnet20", "--steps", "200", "--steps-per-epoch", "20", "--freeze-start", "0.5",
+                  "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    rows = _table_rows(result.stdout)
+    layers = lf.definition_order(resnet20())
+    assert [row[1] for row in rows] == [layer.name for layer in layers]
+    assert [row[2] for row in rows] == [layer.type_name for layer in layers]
+    assert [int(row[3].replace(",", "")) for row in rows] == [
+        sum(p.numel() for p in layer.module.parameters()) for layer in layers]
+    # Epoch ends at 20, 40, ...; none freezes before half-way; after step 120 (fraction 0.2)
+    # int(0.2 * 42) = 8 layers, after step 140 (fraction 0.4) int(0.4 * 42) = 16.
+    assert [row[5] for row in rows[7:10]] == ["120 (epoch 6)", "140 (epoch 7)", "140 (epoch 7)"]
+    assert rows[15][5] == "140 (epoch 7)" and rows[16][5] == "160 (epoch 8)"
+    assert rows[-1][5] == "never (last layer)"
+    assert re.search(r"predicted compute saving \d+\.\d% \(speedup 1\.\d\dx\)", result.stdout)
+    check_png(plot)
+
+
+def test_plan_user_factory_and_execution_order(tmp_path, monkeypatch, capsys):
+    (tmp_path / "planned.py").write_text(textwrap.dedent("""
+        import torch
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.late = torch.nn.Linear(8, 3)
+                self.early = torch.nn.Linear(4, 8)
+            def forward(self, x):
+                return self.late(torch.relu(self.early(x)))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["plan", "planned:Net", "--input-shape", "4", "--order", "execution", "--interval", "step",
+                 "--steps", "10", "--freeze-start", "0"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert [row[1] for row in rows] == ["early", "late"]
+    # Two layers: depth int(fraction * 1) reaches 1 only at fraction 1.0, after the last step.
+    assert rows[0][5] == "10, run over" and rows[1][5] == "never (last layer)"
+
+
+# -- errors: one line on stderr, exit code 2 ----------------------------------------
+
+
+def test_unknown_model_is_one_line_and_exit_2():
+    result = _run("plan", "resnet21")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "layerfreeze plan: error: unknown model 'resnet21'; bundled models: resnet20, resnet56, transformer, mlp, "
+        "or give your own as package.module:factory"]
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "not-a-dir"
+    path.write_text("x")
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--model", "nosuch"], "unknown model 'nosuch'"),
+    (["bench", "--variants", "none,bogus"], "unknown variant 'bogus'"),
+    (["bench", "--data", "mnist"], "--data must be one of digits, synthetic or an image folder, got 'mnist'"),
+    (["bench", "--input-shape", "3,32,32"], "--input-shape / --input-dtype apply to --data synthetic only"),
+    (["bench", "--output-dir", "{file}/sub"], "--output-dir '{file}/sub' is not a writable directory"),
+    (["plan", "resnet20", "--input-shape", "3,x,32"], "--input-shape must be positive integers"),
+    (["plan", "resnet20", "--input-shape", "5"], "model 'resnet20' takes float images (C, H, W)"),
+    (["plan", "resnet20", "--input-dtype", "complex"], "--input-dtype must be one of"),
+    (["plan", "resnet20", "--steps", "10", "--steps-per-epoch", "20"], "--steps-per-epoch 20 is more than --steps 10"),
+    (["plan", "resnet20", "--freeze-start", "1"], "--freeze-start 1 leaves no training"),
+    (["plan", "resnet20", "--plot", "plan.txt"], "--plot must name a .png file"),
+    (["plan", "resnet20", "--plot", "{file}/plan.png"], "is not a writable directory"),
+    (["plan", "mypkg:net"], "cannot import 'mypkg'"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, a_file, capsys):
+    args = [arg.replace("{file}", str(a_file)) for arg in args]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"layerfreeze {args[0]}: error: ")
+    assert message.replace("{file}", str(a_file)) in lines[0]
+
+
+def test_model_that_rejects_the_input_shape(tmp_path, monkeypatch, capsys):
+    (tmp_path / "shaped.py").write_text("import torch\ndef net():\n    return torch.nn.Linear(4, 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["plan", "shaped:net", "--input-shape", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("layerfreeze plan: error: model 'shaped:net' failed on an input of shape (5,)")
+    assert "HINT: pass the right --input-shape" in err
+    assert main(["plan", "shaped:net"]) == 2
+    assert "--input-shape is required for your own model 'shaped:net'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [
+    ["bench", "--epochs", "0"], ["bench", "--seeds", "-1"], ["bench", "--batch-size", "x"],
+    ["bench", "--lr", "0"], ["plan", "resnet20", "--freeze-start", "1.5"], ["plan", "resnet20", "--steps", "0"],
+    ["plan", "resnet20", "--interval", "hour"], ["frobnicate"],
+])
+def test_impossible_option_values_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
