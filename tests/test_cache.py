@@ -83,17 +83,23 @@ def test_gradients_reach_only_the_suffix_and_train_as_without_cache():
         assert torch.equal(p, q), name
 
 
-def test_cache_follows_the_frozen_depth_and_clears_when_the_cut_moves():
+def test_cache_follows_the_frozen_depth_advances_when_deeper_clears_when_back():
     model = stages_model()
     freezing = freeze_stages(model, 1)
     cache = PrefixCache(model)
     x, keys = data()
     cache(x, keys)
     assert (cache.cut, len(cache)) == (1, 8)
-    freezing.set_depth(2)  # the cut moves: stage 1 is frozen now
+    freezing.set_depth(3)  # the cut moves deeper: stages 1 and 2 are frozen now
     out = cache(x, keys)
-    assert cache.cut == 2 and cache.hits == 0 and len(cache) == 8
+    assert cache.cut == 3 and (cache.hits, cache.misses, cache.advanced) == (0, 8, 8)
     assert torch.equal(out, model(x))
+    with torch.no_grad():
+        assert torch.equal(cache.prefix(x, keys), model[:3](x))
+    assert cache.hits == 8 and cache.advanced == 8
+    freezing.set_depth(2)  # the cut moves back: stage-2 outputs are useless now
+    cache(x, keys)
+    assert cache.cut == 2 and (cache.hits, cache.misses, cache.advanced) == (0, 8, 0)
     freezing.set_depth(0)  # unfrozen: nothing is cached and the model runs whole
     assert cache.cut == 0
     out = cache(x, keys)
@@ -215,3 +221,41 @@ def test_bad_arguments_name_the_argument():
     x, _ = data()
     with pytest.raises(ValueError, match="keys must hold one key per example: got 3 keys for a batch of 8"):
         PrefixCache(model)(x, [0, 1, 2])
+
+
+def test_progressive_schedule_with_cache_trains_exactly_as_without():
+    # Composer's linear schedule moves the cut deeper during training; cached outputs are
+    # carried forward through newly frozen stages and the run stays bit-identical.
+    model, twin = stages_model(), stages_model()
+    runs = []
+    for net in (model, twin):
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        freezing = lf.LayerFreezing(freeze_start=0.0, freeze_level=1.0, interval="epoch")
+        runs.append((net, opt, freezing.attach(net, opt, total_steps=10, steps_per_epoch=2)))
+    cache = PrefixCache(model)
+    x, keys = data()
+    for _ in range(5):
+        for batch in (slice(0, 4), slice(4, 8)):
+            for net, opt, freezing in runs:
+                out = cache(x[batch], keys[batch]) if net is model else net(x[batch])
+                out.pow(2).mean().backward()
+                opt.step(), opt.zero_grad(), freezing.step()
+    assert runs[0][2].frozen_depth == runs[1][2].frozen_depth == 3
+    assert cache.advanced > 0 and cache.hits > 0
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_spilled_entries_advance_to_a_deeper_cut(tmp_path):
+    model = stages_model()
+    freezing = freeze_stages(model, 1)
+    cache = PrefixCache(model, max_bytes=3 * 6 * 4, spill_dir=tmp_path)
+    x, keys = data()
+    cache(x, keys)
+    assert len(cache) == 8 and cache.disk_bytes == 5 * 6 * 4
+    freezing.set_depth(2)
+    with torch.no_grad():
+        assert torch.equal(cache.prefix(x, keys), model[:2](x))
+    assert cache.advanced == 8 and len(cache) == 8
+    assert torch.equal(cache.prefix(x, keys), cache.prefix(x, keys)) and cache.hits == 16
+    cache.close()

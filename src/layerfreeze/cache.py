@@ -12,8 +12,10 @@ behind FreezeOut's and AutoFreeze's caching of frozen activations (Brock et al.
 The model is given as *stages*, modules called one after the other; the cache
 cuts after the longest run of leading stages whose parameters are all frozen
 (``requires_grad=False``), so the cut follows :class:`layerfreeze.LayerFreezing`
-by itself, and entries are dropped whenever the cut moves or a prefix weight is
-changed in place.
+by itself. When the cut moves deeper, cached outputs are kept and carried through
+the newly frozen stages on their next use (so a progressive schedule recomputes
+only what it newly froze); they are dropped when the cut moves back or a frozen
+weight is changed in place.
 
 Example:
     >>> import torch
@@ -79,22 +81,23 @@ class _DiskStore:
         handle, path = tempfile.mkstemp(prefix="layerfreeze-prefix-", suffix=".bin", dir=directory)
         self.fd = handle
         self.path = Path(path)
-        self.index: dict[Hashable, tuple[int, int, torch.dtype, torch.Size]] = {}
+        self.index: dict[Hashable, tuple[int, int, int, torch.dtype, torch.Size]] = {}
         self.nbytes = 0
 
-    def put(self, key: Hashable, tensor: torch.Tensor) -> None:
+    def put(self, key: Hashable, cut: int, tensor: torch.Tensor) -> None:
+        # Appends; space of a replaced entry is reclaimed only by clear().
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         os.pwrite(self.fd, data, self.nbytes)
-        self.index[key] = (self.nbytes, len(data), tensor.dtype, tensor.shape)
+        self.index[key] = (cut, self.nbytes, len(data), tensor.dtype, tensor.shape)
         self.nbytes += len(data)
 
-    def get(self, key: Hashable, device: torch.device) -> Optional[torch.Tensor]:
+    def get(self, key: Hashable, device: torch.device) -> Optional[tuple[int, torch.Tensor]]:
         entry = self.index.get(key)
         if entry is None:
             return None
-        offset, size, dtype, shape = entry
+        cut, offset, size, dtype, shape = entry
         data = bytearray(os.pread(self.fd, size, offset))
-        return torch.frombuffer(data, dtype=dtype).reshape(shape).to(device)
+        return cut, torch.frombuffer(data, dtype=dtype).reshape(shape).to(device)
 
     def clear(self) -> None:
         self.index.clear()
@@ -152,8 +155,10 @@ class PrefixCache:
             the one the model computes.
 
     Attributes:
-        hits, misses: examples read back from the cache / computed, since the
-            last invalidation.
+        hits, misses: examples read back from the cache / computed from their
+            input, since the last invalidation.
+        advanced: examples whose cached output of an earlier, shallower cut was
+            carried through the newly frozen stages.
 
     Raises:
         TypeError, ValueError: for bad arguments.
@@ -183,12 +188,17 @@ class PrefixCache:
             [*params, *(stage.buffers() if not self.allow_nondeterministic else ())]
             for stage, params in zip(self.stages, self._params)
         ]
-        self._memory: dict[Hashable, torch.Tensor] = {}
+        # key -> (cut the output was computed at, output). Entries of an earlier,
+        # shallower cut stay valid when the cut moves deeper: they are advanced
+        # through the newly frozen stages on their next use.
+        self._memory: dict[Hashable, tuple[int, torch.Tensor]] = {}
         self._disk: Optional[_DiskStore] = None
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
-        self._fingerprint: Optional[tuple[int, tuple[int, ...]]] = None
+        self.advanced = 0
+        self._cut: Optional[int] = None
+        self._versions: list[tuple[int, ...]] = []
 
     # -- queries -----------------------------------------------------------
     @property
@@ -251,30 +261,48 @@ class PrefixCache:
         if len(key_list) != batch:
             raise ValueError(f"keys must hold one key per example: got {len(key_list)} keys for a batch of {batch}")
         self._validate(cut)
-        rows: list[Optional[torch.Tensor]] = [self._lookup(key, args[0].device) for key in key_list]
-        missing = [i for i, row in enumerate(rows) if row is None]
-        self.hits += batch - len(missing)
+        device = args[0].device
+        found = [self._lookup(key, device) for key in key_list]
+        rows: list[Optional[torch.Tensor]] = [None] * batch
+        stale: dict[int, list[int]] = {}  # earlier cut -> positions to advance
+        missing = []
+        for i, entry in enumerate(found):
+            if entry is None:
+                missing.append(i)
+            elif entry[0] == cut:
+                rows[i] = entry[1]
+            else:
+                stale.setdefault(entry[0], []).append(i)
+        self.hits += batch - len(missing) - sum(len(v) for v in stale.values())
         self.misses += len(missing)
-        if not missing:
-            return torch.stack(rows)  # type: ignore[arg-type]
+        for earlier, positions in stale.items():
+            self.advanced += len(positions)
+            with torch.no_grad():
+                hidden = torch.stack([found[i][1] for i in positions])  # type: ignore[index]
+                for stage in self.stages[earlier:cut]:
+                    hidden = stage(hidden)
+            self._store_rows([key_list[i] for i in positions], cut, hidden)
+            for position, i in enumerate(positions):
+                rows[i] = hidden[position]
         if len(missing) == batch:
             computed = self._run_prefix(args, cut)
-            self._store_rows(key_list, computed)
+            self._store_rows(key_list, cut, computed)
             return computed
-        index = torch.tensor(missing, device=args[0].device)
-        computed = self._run_prefix(tuple(a.index_select(0, index) for a in args), cut)
-        self._store_rows([key_list[i] for i in missing], computed)
-        for position, i in enumerate(missing):
-            rows[i] = computed[position]
+        if missing:
+            index = torch.tensor(missing, device=device)
+            computed = self._run_prefix(tuple(a.index_select(0, index) for a in args), cut)
+            self._store_rows([key_list[i] for i in missing], cut, computed)
+            for position, i in enumerate(missing):
+                rows[i] = computed[position]
         return torch.stack(rows)  # type: ignore[arg-type]
 
     def invalidate(self) -> None:
-        """Drop every cached output (done by itself when the cut or a prefix weight changes)."""
+        """Drop every cached output (done by itself when the cut moves back or a frozen weight changes)."""
         self._memory.clear()
         self.nbytes = 0
         if self._disk is not None:
             self._disk.clear()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.advanced = 0
 
     def close(self) -> None:
         """Drop everything and delete the spill file."""
@@ -293,15 +321,18 @@ class PrefixCache:
     def _validate(self, cut: int) -> None:
         # The tensors' version counters move on every in-place write (an optimizer
         # step, load_state_dict), so an edited prefix is noticed without hashing it.
-        versions = tuple(t._version for state in self._state[:cut] for t in state)
-        fingerprint = (cut, versions)
-        if fingerprint != self._fingerprint:
-            if self._fingerprint is not None and len(self):
-                reason = "the frozen prefix changed" if cut == self._fingerprint[0] else (
-                    f"the cut moved from {self._fingerprint[0]} to {cut} stages")
+        versions = [tuple(t._version for t in state) for state in self._state[:cut]]
+        previous = self._cut
+        if previous is not None and len(self):
+            reason = None
+            if cut < previous:
+                reason = f"the cut moved back from {previous} to {cut} stages"
+            elif versions[:previous] != self._versions:
+                reason = "a frozen stage's weights changed"
+            if reason is not None:
                 log.info("layerfreeze: prefix cache cleared (%d entries): %s", len(self), reason)
-            self.invalidate()
-            self._fingerprint = fingerprint
+                self.invalidate()
+        self._cut, self._versions = cut, versions
         if self.allow_nondeterministic:
             return
         random = [f"stages[{i}].{name}" if name else f"stages[{i}]"
@@ -326,23 +357,32 @@ class PrefixCache:
             )
         return hidden
 
-    def _lookup(self, key: Hashable, device: torch.device) -> Optional[torch.Tensor]:
-        row = self._memory.get(key)
-        if row is None and self._disk is not None:
-            row = self._disk.get(key, device)
-        return row
+    def _lookup(self, key: Hashable, device: torch.device) -> Optional[tuple[int, torch.Tensor]]:
+        entry = self._memory.get(key)
+        if entry is None and self._disk is not None:
+            entry = self._disk.get(key, device)
+        return entry
 
-    def _store_rows(self, keys: Sequence[Hashable], computed: torch.Tensor) -> None:
+    def _store_rows(self, keys: Sequence[Hashable], cut: int, computed: torch.Tensor) -> None:
         for key, row in zip(keys, computed):
-            if key in self._memory or (self._disk is not None and key in self._disk.index):
-                continue
+            old = self._memory.get(key)
+            if old is not None and old[0] == cut or self._disk is not None and self._disk.index.get(
+                    key, (None,))[0] == cut:
+                continue  # a key repeated in one batch
+            if old is not None:
+                self.nbytes -= old[1].nelement() * old[1].element_size()
+                del self._memory[key]
             size = row.nelement() * row.element_size()
             if self.nbytes + size <= self.max_bytes:
-                self._memory[key] = row.clone()
+                self._memory[key] = (cut, row.clone())
                 self.nbytes += size
+                if self._disk is not None:
+                    self._disk.index.pop(key, None)
             elif self.spill_dir is not None:
                 if self._disk is None:
                     self._disk = _DiskStore(self.spill_dir)
                     log.info("layerfreeze: prefix cache is full (max_bytes=%d); spilling to %s",
                              self.max_bytes, self._disk.path)
-                self._disk.put(key, row)
+                self._disk.put(key, cut, row)
+            elif self._disk is not None:
+                self._disk.index.pop(key, None)
