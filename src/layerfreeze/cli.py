@@ -93,8 +93,8 @@ def _bench_threads() -> tuple[int, Optional[str]]:
     if busy is None or cpus - busy >= threads:
         return threads, None
     reduced = max(1, cpus - busy)
-    return reduced, (f"{reduced} thread(s): {busy} of {cpus} CPUs are busy with other work, so timings will be "
-                     f"noisy. HINT: run on an idle machine, or pass --threads {threads} to insist")
+    return reduced, (f"using {reduced} thread(s): {busy} other process(es) are running on {cpus} CPU(s), so "
+                     f"timings will be noisy. HINT: run on an idle machine, or pass --threads {threads} to insist")
 
 
 def build_parser() -> argparse.ArgumentParser:
