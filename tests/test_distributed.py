@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -362,3 +363,26 @@ def test_single_process_models_are_untouched():
     freezing = lf.LayerFreezing(interval="epoch").attach(net, opt, total_steps=10)
     freezing.set_depth(1)  # no process group needed
     assert freezing.frozen_parameters == ["0.bias", "0.weight"]
+
+
+# -- the documented torchrun example ---------------------------------------------------
+@pytest.mark.slow
+def test_torchrun_example_runs_as_documented(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(example), "--epochs", "2", "--checkpoint", str(tmp_path / "ckpt.pt")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out = proc.communicate(timeout=LAUNCH_TIMEOUT)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("torchrun example did not finish:\n" + proc.communicate()[0])
+    assert proc.returncode == 0, out
+    # 2 epochs of 16 steps, freeze_start=0.25: depth int(1/3 * 3) = 1 after epoch 0, 3 at the end
+    assert "epoch 0: loss" in out and "frozen layers 1 of 4, frozen parameters ['0.bias', '0.weight']\n" in out
+    assert "epoch 1: loss" in out and "frozen layers 3 of 4" in out
+    assert "ranks agree: True" in out
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert state["freezing"]["frozen"] == ["0.bias", "0.weight", "2.bias", "2.weight", "4.bias", "4.weight"]
