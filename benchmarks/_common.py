@@ -21,6 +21,7 @@ __all__ = [
     "interleaved_medians",
     "no_grad_until",
     "saved_bytes",
+    "backward_nodes",
     "grad_bytes",
     "optimizer_state_bytes",
     "table",
@@ -119,6 +120,19 @@ def saved_bytes(fn: Callable[[], torch.Tensor], model: Optional[nn.Module] = Non
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, total
+
+
+def backward_nodes(output: torch.Tensor) -> int:
+    """Number of autograd nodes behind ``output``: the work backward will do, counted, not timed."""
+    seen: set[Any] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return len(seen)
 
 
 def grad_bytes(model: nn.Module) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layerfreeze as lf  # noqa: E402
 from layerfreeze.bench import models as bundled  # noqa: E402
 from _common import (  # noqa: E402
+    backward_nodes,
     grad_bytes,
     interleaved_medians,
     no_grad_until,
@@ -181,8 +183,14 @@ def _library(case: Case, depth: int, unit: str) -> tuple[nn.Module, torch.optim.
     return model, optimizer, freezing
 
 
+def _nodes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, boundary: Optional[nn.Module] = None) -> int:
+    with no_grad_until(model, boundary):
+        loss = nn.functional.cross_entropy(model(x), y)
+    return backward_nodes(loss)
+
+
 def _hand_written(case: Case, prefix_names: set[str], boundary_name: Optional[str],
-                  set_requires_grad: bool) -> Callable[[], None]:
+                  set_requires_grad: bool) -> tuple[Callable[[], None], Callable[[], int]]:
     """The hand-written limit: prefix under no_grad, an optimizer over the suffix only.
 
     With ``set_requires_grad`` the prefix's parameters also get ``requires_grad=False``
@@ -201,7 +209,7 @@ def _hand_written(case: Case, prefix_names: set[str], boundary_name: Optional[st
         with no_grad_until(model, boundary):
             _step(model, optimizer, x, y)
 
-    return step
+    return step, lambda: _nodes(model, x, y, boundary)
 
 
 def run_case(case: Case, repeats: int, clock: str) -> tuple[list[list[Any]], list[list[Any]]]:
@@ -224,9 +232,12 @@ def run_case(case: Case, repeats: int, clock: str) -> tuple[list[list[Any]], lis
         prefix_ids = {id(p) for _, members in case.stages[:cut] for member in members for p in member.parameters()}
         prefix_names = {n for n, p in case.model.named_parameters() if id(p) in prefix_ids}
         boundary_name = _name_of(case.model, case.stages[cut - 1][0]) if cut else None
-        variants["b"] = _hand_written(case, prefix_names, boundary_name, set_requires_grad=False)
+        variants["b"], nodes_b = _hand_written(case, prefix_names, boundary_name, set_requires_grad=False)
         if case.frozen_limit:
-            variants["b2"] = _hand_written(case, prefix_names, boundary_name, set_requires_grad=True)
+            variants["b2"], _ = _hand_written(case, prefix_names, boundary_name, set_requires_grad=True)
+        # Structural check, free of timing noise: autograd nodes backward visits.
+        nodes = {unit: _nodes(libs[unit][0], x, y) for unit in case.units}
+        nodes["b"] = nodes_b()
         model_c = copy.deepcopy(case.model)
         opt_c = case.optimizer(list(model_c.parameters()))
         variants["c"] = lambda: _step(model_c, opt_c, x, y)
@@ -235,9 +246,12 @@ def run_case(case: Case, repeats: int, clock: str) -> tuple[list[list[Any]], lis
         f = shares[cut]
         row = [case.name, f"{target:.2f}", f"{depth}/{len(unit_layers[main_unit])}", f"{f:.3f}",
                f"{a * 1e3:.1f}", f"{medians['b'] * 1e3:.1f}", f"{medians['c'] * 1e3:.1f}",
-               f"{a / medians['b']:.3f}", f"{medians['c'] / a:.3f}", f"{3 / (3 - 2 * f):.3f}"]
+               f"{a / medians['b']:.3f}", f"{medians['c'] / a:.3f}", f"{3 / (3 - 2 * f):.3f}",
+               f"{nodes[main_unit]}/{nodes['b']}"]
         row.append(f"{a / medians['b2']:.3f}" if "b2" in medians else "")
-        row.append(f"{medians['a_leaf'] / medians['b']:.3f}" if "a_leaf" in medians and main_unit != "leaf" else "")
+        leaf = "a_leaf" in medians and main_unit != "leaf"
+        row.append(f"{medians['a_leaf'] / medians['b']:.3f}" if leaf else "")
+        row.append(f"{nodes['leaf']}" if leaf else "")
         speed_rows.append(row)
         print(" | ".join(row), flush=True)
 
@@ -278,6 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     set_threads(args.threads)
     torch.manual_seed(args.seed)
+    logging.getLogger("layerfreeze").setLevel(logging.ERROR)  # the BatchNorm hint, once per depth
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} interleaved rounds, "
           f"medians of {args.clock} time")
     builders = {
@@ -298,7 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print("\n".join(notes))
     print()
     print(table(["model", "target", "depth", "f (FLOPs)", "(a) ms", "(b) ms", "(c) ms", "(a)/(b)",
-                 "(c)/(a)", "model 3/(3-2f)", "(a)/(b')", "unit=leaf (a)/(b)"], speed))
+                 "(c)/(a)", "model 3/(3-2f)", "backward nodes (a)/(b)", "(a)/(b')",
+                 "unit=leaf (a)/(b)", "unit=leaf nodes"], speed))
     print()
     print("Memory of one training step under the library (MiB): autograd-saved activations, "
           "gradients, optimizer state")
