@@ -93,3 +93,139 @@ def test_freeze_layers_repeated_calls_match_composer():
     for duration in (0.6, 0.9, 0.7, 1.0, 0.2):
         assert lf.freeze_layers(ours, ours_opts, duration) == composer_freeze_layers(theirs, theirs_opts, duration)
         assert _snapshot(ours, ours_opts) == _snapshot(theirs, theirs_opts)
+
+
+# -- the Algorithm ----------------------------------------------------------
+
+from composer import Trainer  # noqa: E402
+from composer.algorithms import LayerFreezing as ComposerLayerFreezing  # noqa: E402
+from composer.loggers import InMemoryLogger  # noqa: E402
+from composer.models import ComposerClassifier  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from layerfreeze.integrations.composer import LayerFreezing  # noqa: E402
+
+KEYS = (lf.LAYERS_FROZEN, lf.PERCENTAGE_FROZEN)
+BATCHES_PER_EPOCH = 4
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return mlp(6)
+
+
+def _loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(4 * BATCHES_PER_EPOCH, 6, generator=generator),
+                         torch.randint(0, 2, (4 * BATCHES_PER_EPOCH,), generator=generator))
+    return DataLoader(data, batch_size=4, shuffle=False)
+
+
+def _trainer(algorithms, *, net=None, max_duration="4ep", **kwargs) -> Trainer:
+    net = _net() if net is None else net
+    model = ComposerClassifier(net, num_classes=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    return Trainer(
+        model=model, train_dataloader=_loader(), max_duration=max_duration, optimizers=optimizer,
+        algorithms=algorithms, device="cpu", progress_bar=False, log_to_console=False, seed=7, **kwargs,
+    )
+
+
+def _history(logger: InMemoryLogger) -> dict[str, list]:
+    return {key: [value for _, value in logger.data[key]] for key in KEYS}
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.state.model.named_parameters()}
+
+
+def _frozen(trainer: Trainer) -> list[str]:
+    return sorted(n for n, p in trainer.state.model.named_parameters() if not p.requires_grad)
+
+
+def test_drop_in_for_composer_layer_freezing():
+    """Same frozen layers at the same epoch ends and the same logged values as Composer's."""
+    runs = {}
+    for name, algorithm in (("composer", ComposerLayerFreezing(0.25, 1.0)), ("ours", LayerFreezing(0.25, 1.0))):
+        logger = InMemoryLogger()
+        seen = []
+
+        class Record(composer.Callback):
+            def epoch_end(self, state, logger):  # after the algorithms ran at EPOCH_END
+                seen.append(sorted(n for n, p in state.model.named_parameters() if not p.requires_grad))
+
+        trainer = _trainer([algorithm], loggers=[logger], callbacks=[Record()])
+        trainer.fit()
+        runs[name] = (seen, _history(logger), _frozen(trainer))
+    assert runs["ours"] == runs["composer"]
+    seen, history, frozen = runs["ours"]
+    assert history[lf.LAYERS_FROZEN] == [0, 1, 3, 5]
+    assert history[lf.PERCENTAGE_FROZEN] == [0.0, 1 / 3, 2 / 3, 1.0]
+    assert frozen == [f"module.{i}.{k}" for i in (0, 2, 4, 6, 8) for k in ("bias", "weight")]
+    assert [len(s) for s in seen] == [0, 2, 6, 10]
+
+
+def test_interval_step_logs_every_batch_and_freezes_within_the_epoch():
+    logger = InMemoryLogger()
+    trainer = _trainer([LayerFreezing(0.0, 1.0, interval="step")], loggers=[logger], max_duration="1ep")
+    trainer.fit()
+    history = _history(logger)
+    # 5 layers are freezable: depth int(k/4 * 5) after batch k of 4
+    assert history[lf.LAYERS_FROZEN] == [1, 2, 3, 5]
+    assert history[lf.PERCENTAGE_FROZEN] == [0.25, 0.5, 0.75, 1.0]
+
+
+def _resume_case(tmp_path, algorithms_factory, save_interval, load_name):
+    folder = str(tmp_path / "ckpt")
+    full = _trainer(algorithms_factory(), save_folder=folder, save_interval=save_interval,
+                    save_filename="{batch}.pt", save_overwrite=True)
+    full.fit()
+    expected = _weights(full), _frozen(full)
+    resumed = _trainer(algorithms_factory(), net=_net(), load_path=f"{folder}/{load_name}")
+    resumed.fit()
+    return expected, (_weights(resumed), _frozen(resumed))
+
+
+@pytest.mark.parametrize("load_name, interval", [("8.pt", "epoch"), ("8.pt", "step"), ("6.pt", "step"), ("6.pt", "epoch")],
+                         ids=["epoch-boundary", "epoch-boundary-step-interval", "mid-epoch", "mid-epoch-epoch-interval"])
+def test_resume_from_composer_checkpoint_is_bit_identical(tmp_path, load_name, interval):
+    # First the trainer itself: without freezing, Composer resumes these checkpoints exactly.
+    (base_weights, _), (base_resumed, _) = _resume_case(tmp_path / "base", lambda: [], "2ba", load_name)
+    assert all(torch.equal(base_weights[n], base_resumed[n]) for n in base_weights)
+
+    (weights, frozen), (resumed, resumed_frozen) = _resume_case(
+        tmp_path / "lf", lambda: [LayerFreezing(0.25, 1.0, interval=interval)], "2ba", load_name,
+    )
+    assert frozen and resumed_frozen == frozen
+    assert all(torch.equal(weights[n], resumed[n]) for n in weights)
+    assert any(not torch.equal(weights[n], base_weights[n]) for n in weights)  # freezing did act
+
+
+def test_composer_own_layer_freezing_cannot_checkpoint_this_run(tmp_path):
+    """The motivation, reproduced: Composer's issue #1002 in the run ours resumes exactly."""
+    trainer = _trainer([ComposerLayerFreezing(0.25, 1.0)], save_folder=str(tmp_path), save_interval="2ba",
+                       save_filename="{batch}.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(KeyError):  # optimizer state of a parameter no longer in any group
+            trainer.fit()
+
+
+def test_checkpoint_of_composer_layer_freezing_loads_with_a_warning(tmp_path, caplog):
+    # freeze_start=1.0 never freezes, so Composer's own can save this checkpoint.
+    _trainer([ComposerLayerFreezing(1.0)], save_folder=str(tmp_path), save_interval="1ep",
+             save_filename="{epoch}.pt", max_duration="1ep").fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Composer's own warns that it cannot resume
+        with caplog.at_level("WARNING", logger="layerfreeze"):
+            trainer = _trainer([LayerFreezing(0.25)], load_path=str(tmp_path / "1.pt"))
+    assert "holds no layer-freezing state" in caplog.text
+    trainer.fit()
+    # 12 of 16 steps counted since the resume: fraction (0.75 - 0.25) / 0.75, int(2/3 * 5) = 3 layers
+    assert _frozen(trainer) == [f"module.{i}.{k}" for i in (0, 2, 4) for k in ("bias", "weight")]
+
+
+def test_max_duration_in_samples_is_rejected():
+    trainer = _trainer([LayerFreezing()], max_duration="64sp")
+    with pytest.raises(ValueError, match=r"max_duration must be in epochs \('ep'\) or batches \('ba'\)"):
+        trainer.fit()
