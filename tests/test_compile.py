@@ -107,6 +107,21 @@ def test_max_changes_bounds_recompilations():
     assert counter.frame_count == 2
 
 
+def test_max_changes_below_the_recompile_limit_keeps_every_frozen_set_compiled():
+    # Past torch._dynamo.config.recompile_limit compiled frozen sets, dynamo stops compiling the
+    # model and runs it eagerly; max_changes = limit - 1 keeps the whole run compiled.
+    limit = dynamo.config.recompile_limit
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(limit + 6)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    freezing = lf.LayerFreezing(freeze_start=0.0, interval="step", max_changes=limit - 1)
+    freezing.attach(model, opt, total_steps=limit + 5)
+    counter = CompileCounter()
+    depths = train(model, opt, freezing, torch.compile(model, backend=counter), steps=limit + 5)
+    assert len(set(depths)) == limit
+    assert counter.frame_count == limit
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("LAYERFREEZE_TEST_INDUCTOR") != "1",
