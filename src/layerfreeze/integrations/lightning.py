@@ -1,0 +1,82 @@
+"""Lightning: ``LayerFreezingCallback``, progressive layer freezing as a Callback.
+
+Example:
+    >>> from layerfreeze.integrations.lightning import LayerFreezingCallback
+    >>> trainer = L.Trainer(max_epochs=4, callbacks=[LayerFreezingCallback(freeze_start=0.5)])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .. import algorithm as _algorithm
+
+__all__ = ["LayerFreezingCallback"]
+
+try:  # Lightning is optional: import it only when this module is used.
+    from lightning.pytorch import Callback, LightningModule, Trainer
+except ImportError as error:  # pragma: no cover - exercised where lightning is absent
+    raise ImportError("layerfreeze.integrations.lightning needs Lightning: pip install lightning") from error
+
+
+class LayerFreezingCallback(Callback):
+    """Freeze the leading layers of the LightningModule as training goes on.
+
+    Progress comes from the trainer (``estimated_stepping_batches``, so ``max_epochs``
+    or ``max_steps``); decisions happen at epoch ends (``interval="epoch"``) or after
+    every optimizer step (``interval="step"``). The Composer metric keys are logged
+    through ``pl_module.log``. The state is saved in Lightning checkpoints and, on
+    ``trainer.fit(model, ckpt_path=...)``, applied before Lightning loads the
+    optimizer state, so the resumed run has the same param groups and frozen set.
+
+    Args:
+        freeze_start: fraction of training before freezing begins. Default 0.5.
+        freeze_level: fraction of layers frozen at the end. Default 1.0.
+        **options: any other :class:`layerfreeze.LayerFreezing` argument
+            (``interval``, ``batchnorm``, ``policy``, ...).
+    """
+
+    def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0, **options: Any):
+        self.freezing = _algorithm.LayerFreezing(freeze_start, freeze_level, log_fn=self._log, **options)
+        self._module: Optional[LightningModule] = None
+        self._attached = False
+        self._global_step = 0
+
+    @property
+    def state_key(self) -> str:
+        return "LayerFreezingCallback"
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Optimizers exist now, and Lightning loads their state only after this hook.
+        if not self._attached:
+            self.freezing.attach(pl_module, trainer.optimizers, total_steps=int(trainer.estimated_stepping_batches))
+            self._attached = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._global_step = trainer.global_step  # after a resume: the restored count
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._module = pl_module
+        while self._global_step < trainer.global_step:  # no step on accumulating batches
+            self._global_step += 1
+            self.freezing.step()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._module = pl_module
+        self.freezing.epoch_end()
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._module = None
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self._module is not None:
+            self._module.log_dict({k: float(v) for k, v in metrics.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.freezing.state_dict() if self._attached else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks before optimizers; before attach the core keeps
+        # the state and applies it in on_fit_start, ahead of the optimizer state.
+        if state_dict:
+            self.freezing.load_state_dict(state_dict)
