@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
@@ -12,7 +11,7 @@ from hypothesis import strategies as st
 
 import layerfreeze as lf
 from layerfreeze.policies import FreezeOut
-from layerfreeze.policies.freezeout import GROUP_KEY, freeze_times, lr_factor
+from layerfreeze.policies.freezeout import GROUP_KEY, PARENT_KEY, freeze_times, lr_factor
 
 from conftest import mlp
 
@@ -83,20 +82,24 @@ def test_each_layer_gets_its_own_param_group_and_detach_merges_them_back():
     original = [(g, list(g["params"])) for g in opt.param_groups]
     freezing = lf.LayerFreezing(policy=FreezeOut(0.5), interval="step").attach(net, opt, total_steps=8)
     layer_params = {layer.name: [p for p in layer.module.parameters()] for layer in freezing.layers}
-    assert [g[GROUP_KEY] for g in opt.param_groups] == ["0", "2", "4", "6"]
-    for group in opt.param_groups:
+    groups = opt.param_groups
+    # the user's groups stay first, at their positions, emptied; one group per layer follows
+    assert groups[0] is original[0][0] and groups[1] is original[1][0]
+    assert groups[0]["params"] == [] and groups[1]["params"] == []
+    assert [(g[GROUP_KEY], g[PARENT_KEY]) for g in groups[2:]] == [("0", 0), ("2", 0), ("4", 1), ("6", 1)]
+    for group in groups[2:]:
         assert group["params"] == layer_params[group[GROUP_KEY]]
-        assert group["lr"] == (0.1 if group[GROUP_KEY] in ("0", "2") else 0.2) and group["momentum"] == 0.9
+        assert group["lr"] == (0.1 if group[PARENT_KEY] == 0 else 0.2) and group["momentum"] == 0.9
     freezing.detach()
     assert [(g, g["params"]) for g in opt.param_groups] == original
-    assert all(GROUP_KEY not in g for g in opt.param_groups)
+    assert all(GROUP_KEY not in g and PARENT_KEY not in g for g in opt.param_groups)
 
 
 def effective_lrs(opt):
     seen = []
 
     def record(optimizer, args, kwargs):
-        seen.append({g[GROUP_KEY]: g["lr"] for g in optimizer.param_groups})
+        seen.append({g[GROUP_KEY]: g["lr"] for g in optimizer.param_groups if GROUP_KEY in g})
 
     opt.register_step_pre_hook(record)  # runs after FreezeOut's, which was registered first
     return seen
@@ -168,13 +171,25 @@ def test_scheduler_built_after_attach_composes_multiplicatively():
             assert lr == pytest.approx(0.1 * 0.5 ** step * lr_factor(step / 8, times[name], False), rel=1e-15)
 
 
-def test_scheduler_built_before_attach_is_warned_about(caplog):
-    net = mlp(3, 6)
+def test_scheduler_built_before_attach_still_drives_every_layer():
+    # It knows only the user's groups; the layers' groups follow their parent's rate.
+    torch.manual_seed(0)
+    net = mlp(4, 6)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    torch.optim.lr_scheduler.StepLR(opt, 2)
-    with caplog.at_level(logging.WARNING, logger="layerfreeze"):
-        lf.LayerFreezing(policy=FreezeOut(), interval="step").attach(net, opt, total_steps=4)
-    assert "HINT: build the LR scheduler after LayerFreezing.attach()" in caplog.text
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    freezing = lf.LayerFreezing(policy=FreezeOut(0.5, "linear", False), interval="step")
+    freezing.attach(net, opt, total_steps=8)
+    seen = effective_lrs(opt)
+    for _ in range(3):
+        net(torch.randn(3, 6)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        scheduler.step()
+        freezing.step()
+    times = {"0": 0.5, "2": 0.75, "4": 1.0, "6": 1.0}
+    for step, lrs in enumerate(seen):
+        for name, lr in lrs.items():
+            assert lr == 0.1 * 0.5 ** step * lr_factor(step / 8, times[name], False)
 
 
 def test_tied_parameter_goes_to_the_group_of_the_first_layer_holding_it():
@@ -183,7 +198,7 @@ def test_tied_parameter_goes_to_the_group_of_the_first_layer_holding_it():
     net = Tied()
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     lf.LayerFreezing(policy=FreezeOut(), interval="step").attach(net, opt, total_steps=4)
-    groups = {g[GROUP_KEY]: g["params"] for g in opt.param_groups}
+    groups = {g[GROUP_KEY]: g["params"] for g in opt.param_groups if GROUP_KEY in g}
     assert any(p is net.embed.weight for p in groups["embed"])
     assert "out" not in groups  # its only parameter is the tied one
     assert sum(len(ps) for ps in groups.values()) == len(list(net.parameters()))
@@ -234,6 +249,6 @@ def test_optimizer_state_round_trips_through_the_split_groups():
     freezing2 = lf.LayerFreezing(policy=FreezeOut(0.5, "linear"), interval="step").attach(net2, opt2, total_steps=8)
     freezing2.load_state_dict(saved_freezing)
     opt2.load_state_dict(saved_opt)
-    assert [g[GROUP_KEY] for g in opt2.param_groups] == [g[GROUP_KEY] for g in opt.param_groups]
+    assert [g.get(GROUP_KEY) for g in opt2.param_groups] == [g.get(GROUP_KEY) for g in opt.param_groups]
     assert [len(g["params"]) for g in opt2.param_groups] == [len(g["params"]) for g in opt.param_groups]
     assert freezing2.policy.state_dict() == {"step": 5}

@@ -26,8 +26,10 @@ log = logging.getLogger("layerfreeze")
 #: linear interpolation is raised to this power (cubic by default).
 SPACINGS = {"linear": 1, "squared": 2, "cubic": 3}
 
-#: Extra key FreezeOut writes into each param group it creates: the layer it holds.
+#: Extra keys of each param group FreezeOut creates: the layer it holds, and the
+#: position of the user's group it came from (whose rate it follows).
 GROUP_KEY = "freezeout_layer"
+PARENT_KEY = "freezeout_parent"
 
 
 def freeze_times(count: int, t0: float, spacing: str = "cubic") -> list[float]:
@@ -77,15 +79,19 @@ class FreezeOut(Policy):
     same as scaled), as the paper's classifier does.
 
     How it touches the optimizer: at attach each layer's parameters move to a param
-    group of their own (a copy of the group they came from, with the extra key
-    ``"freezeout_layer"``), one group per layer per original group, in parameter
-    order. The group's ``lr`` stays what you or your LR scheduler set: FreezeOut
-    multiplies it by the layer's factor just for the duration of each
-    ``optimizer.step()`` (step pre- and post-hooks) and restores it exactly after,
-    so a scheduler composes multiplicatively with FreezeOut. Build such a scheduler
-    AFTER ``attach`` (it records one base rate per group); one built before sees
-    the old number of groups and is warned about. ``detach`` merges the groups
-    back in their original order.
+    group of their own, appended after your groups (a copy of the group they came
+    from, plus the keys ``"freezeout_layer"`` and ``"freezeout_parent"``); your
+    groups stay at their positions, holding only parameters of no layer (often
+    none; empty groups are fine for torch optimizers). During each
+    ``optimizer.step()`` (step pre- and post-hooks) every layer's group runs at its
+    parent group's ``lr`` times the layer's factor; afterwards all rates are
+    restored exactly. So an LR scheduler, built before or after attach, keeps
+    driving your groups' rates and composes multiplicatively with FreezeOut (a
+    per-group scheduler built after attach cannot give layers different rates:
+    they follow their parent). The paper uses FreezeOut in place of a decaying
+    schedule; with a cosine scheduler on top, rates decay twice. ``detach`` merges
+    the groups back. The optimizer's ``state_dict`` holds the split groups, and a
+    fresh optimizer is split the same way by ``attach``, so resume just works.
 
     Args:
         t0: fraction of training at which the first layer freezes, in (0, 1].
@@ -101,8 +107,8 @@ class FreezeOut(Policy):
         >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
         >>> freezing = LayerFreezing(policy=FreezeOut(t0=0.5, spacing="linear"), interval="step")
         >>> _ = freezing.attach(net, opt, total_steps=4)
-        >>> len(opt.param_groups)
-        3
+        >>> [group.get("freezeout_layer") for group in opt.param_groups]
+        [None, '0', '1', '2']
         >>> for _ in range(4):
         ...     net(torch.randn(2, 4)).sum().backward(); opt.step(); opt.zero_grad(); freezing.step()
         >>> freezing.frozen_depth
@@ -163,16 +169,14 @@ class FreezeOut(Policy):
                 owner.setdefault(id(p), layer.name)
         self._original = []
         for optimizer in context.optimizers:
-            if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
-                log.warning(
-                    "layerfreeze: FreezeOut splits %s's param groups by layer, but an LR scheduler was "
-                    "already built on it and keeps one base rate per old group. HINT: build the LR "
-                    "scheduler after LayerFreezing.attach()", type(optimizer).__name__,
-                )
             originals = [(group, list(group["params"])) for group in optimizer.param_groups]
             self._original.append((optimizer, originals))
-            new_groups = []
-            for group in optimizer.param_groups:
+            # The user's groups stay first, at their positions, holding only the
+            # parameters of no layer (often none): an LR scheduler, built before or
+            # after attach, keeps updating them, and each layer's group reads its
+            # base rate from its parent. The layers' groups follow, parent by parent.
+            children = []
+            for position, group in enumerate(optimizer.param_groups):
                 rest, by_layer = [], {}
                 for p in group["params"]:
                     name = owner.get(id(p))
@@ -180,15 +184,12 @@ class FreezeOut(Policy):
                         rest.append(p)
                     else:
                         by_layer.setdefault(name, []).append(p)
-                if rest or not by_layer:
-                    group["params"] = rest
-                    new_groups.append(group)
                 for name, params in by_layer.items():
-                    copy = {k: v for k, v in group.items() if k != "params"}
-                    copy["params"] = params
-                    copy[GROUP_KEY] = name
-                    new_groups.append(copy)
-            optimizer.param_groups[:] = new_groups
+                    child = {k: v for k, v in group.items() if k != "params"}
+                    child.update({"params": params, GROUP_KEY: name, PARENT_KEY: position})
+                    children.append(child)
+                group["params"] = rest
+            optimizer.param_groups.extend(children)
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
 
@@ -196,14 +197,14 @@ class FreezeOut(Policy):
         self._restore(optimizer)  # a previous step that raised left its rates scaled
         if self.context.resolve_layers is not None:
             self.context.resolve_layers()  # order="execution": the first forward has run by now
-        t = self._step / self._total if self._total else 0.0
-        t = min(t, 1.0)
+        t = min(self._step / self._total, 1.0) if self._total else 0.0
         times = self.times()
-        saved = []
-        for group in optimizer.param_groups:
-            t_i = times.get(group.get(GROUP_KEY), 1.0)
-            saved.append(group["lr"])
-            group["lr"] = group["lr"] * lr_factor(t, t_i, self.scale_lr)
+        groups = optimizer.param_groups
+        saved = [group["lr"] for group in groups]
+        for group in groups:
+            parent = group.get(PARENT_KEY)
+            base = saved[parent] if parent is not None else group["lr"]
+            group["lr"] = base * lr_factor(t, times.get(group.get(GROUP_KEY), 1.0), self.scale_lr)
         self._saved[id(optimizer)] = (optimizer, saved)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -227,22 +228,21 @@ class FreezeOut(Policy):
 
     @staticmethod
     def _merge(optimizer: torch.optim.Optimizer, originals: list[tuple[dict, list]]) -> None:
-        # Put the groups back as the user built them. The hyperparameters come from
-        # the first current group holding one of the group's parameters, so values
-        # set since attach (by a scheduler, or by optimizer.load_state_dict, which
-        # replaces the group dicts) are kept.
-        current = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        # Put the groups back as the user built them, each parent's current
+        # settings kept (a scheduler or optimizer.load_state_dict may have changed
+        # them, the latter by replacing the dicts).
+        groups = optimizer.param_groups
+        present = {id(p) for g in groups for p in g["params"]}
         expected = {id(p) for _, params in originals for p in params}
-        if set(current) != expected:
+        if present != expected or len(groups) < len(originals):
             log.warning(
                 "layerfreeze: %s's parameters changed since attach; FreezeOut leaves its "
                 "per-layer param groups in place", type(optimizer).__name__,
             )
             return
         merged = []
-        for group, params in originals:
-            source = next((current[id(p)] for p in params), group)
-            settings = {k: v for k, v in source.items() if k not in ("params", GROUP_KEY)}
+        for (group, params), current in zip(originals, groups):
+            settings = {k: v for k, v in current.items() if k != "params"}
             group.clear()
             group.update(settings)
             group["params"] = params
