@@ -132,3 +132,28 @@ def _start01(interval: str = "epoch") -> LayerFreezing:
 register("none", _none, "no freezing (the baseline every speedup is measured against)")
 register("composer", _composer, "Composer's defaults: freeze_start=0.5, freeze_level=1.0")
 register("start0.1", _start01, "freeze_start=0.1, freeze_level=1.0 (recommended for short runs)")
+
+
+# Policies of issue 7. The bench's default run is short (tens of steps), so the
+# adaptive policies look every few steps instead of their long-run defaults.
+def _freezeout(interval: str = "epoch") -> LayerFreezing:
+    from ..policies import FreezeOut
+
+    return LayerFreezing(policy=FreezeOut(t0=0.5, spacing="cubic", scale_lr=True), interval=interval)
+
+
+def _gradient(interval: str = "epoch") -> LayerFreezing:
+    from ..policies import GradientChange
+
+    return LayerFreezing(policy=GradientChange(every=5, percentile=50.0), interval=interval)
+
+
+def _convergence(interval: str = "epoch") -> LayerFreezing:
+    from ..policies import Convergence
+
+    return LayerFreezing(policy=Convergence(metric="cka", threshold=0.99, every=5), interval=interval)
+
+
+register("freezeout", _freezeout, "FreezeOut: per-layer cosine LR to zero, then freeze; t0=0.5, cubic, scaled")
+register("gradient", _gradient, "GradientChange (AutoFreeze): every=5 steps, percentile=50")
+register("convergence", _convergence, "Convergence (linear CKA on a probe batch): threshold=0.99, every=5")
