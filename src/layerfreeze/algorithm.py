@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import distributed
+from . import checkpointing, distributed
 from .freezer import (
     BATCHNORM_MODES,
     SHARED_RULES,
@@ -208,6 +208,8 @@ class LayerFreezing:
         # must put parameters back into the groups as the policy left them.
         self.policy.bind(self._context)
         self._freezer = Freezer(inner, optimizer_list, layers, batchnorm=self.batchnorm, shared=self.shared)
+        # Reentrant activation checkpointing after frozen layers (checkpointing.py, issue 6 item 7).
+        self._bridge = checkpointing.GradientBridge(inner, layers)
         self._attached = True
         self._warn_if_nothing_freezes()
         if self._pending_state is not None:
@@ -226,6 +228,7 @@ class LayerFreezing:
             self._tracer = None
         if self._freezer is not None:
             self._freezer.release()
+            self._bridge.remove()
             distributed.on_trainable_change(self._wrapper)
         self.policy.release()
         self._freezer = None
@@ -370,6 +373,7 @@ class LayerFreezing:
         self._freezer.layers = layers
         self._context.layers = layers
         self._freezer.apply_names(set(state["frozen"]), depth)
+        self._bridge.update(layers[:depth])
         self._step, self._epoch = state["step"], state["epoch"]
         self._fraction, self._changes = state["fraction"], state["changes"]
         distributed.on_trainable_change(self._wrapper)
@@ -445,6 +449,7 @@ class LayerFreezing:
                 )
         before = self._freezer.depth
         if self._freezer.apply(depth):
+            self._bridge.update(self._freezer.layers[:depth])
             self._changes += 1
             distributed.on_trainable_change(self._wrapper)
             layers = self._freezer.layers

@@ -1,0 +1,124 @@
+"""Keep gradients flowing when frozen layers feed reentrant activation checkpointing.
+
+Reentrant checkpointing (``torch.utils.checkpoint(..., use_reentrant=True)``, the
+default of Hugging Face's ``gradient_checkpointing_enable()`` before transformers 5)
+runs each segment under ``no_grad`` and builds a graph for it only if one of the
+segment's *inputs* requires grad. Once the bottom layers are frozen nothing before
+the first segment requires grad, so every checkpointed layer silently gets no
+gradient (transformers issues #21381, #23170). Non-reentrant checkpointing has no
+such problem, and is what we recommend.
+
+:class:`GradientBridge` detects reentrant checkpointing from the first forward pass
+(a layer running with grad disabled inside a forward that had it enabled) and,
+while any layer is frozen, makes the output of the last frozen layer that runs
+outside checkpointed segments require grad, so the segments after it build their
+graphs again. Backward then reaches that activation but no frozen parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .layers import Layer
+
+__all__ = ["GradientBridge"]
+
+log = logging.getLogger("layerfreeze")
+
+
+def _bridge_hook(module: nn.Module, args: Any, output: Any) -> Any:
+    return _require_grad(output)
+
+
+def _require_grad(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        if torch.is_grad_enabled() and output.is_floating_point() and not output.requires_grad:
+            # A non-leaf copy, so in-place ops downstream (ReLU(inplace=True)) stay legal.
+            return output.detach().requires_grad_().clone()
+        return output
+    if isinstance(output, tuple):
+        return tuple(_require_grad(item) for item in output)
+    return output
+
+
+class GradientBridge:
+    """Detects reentrant checkpointing and bridges gradients past the frozen layers.
+
+    Created by :class:`layerfreeze.LayerFreezing` at attach; :meth:`update` is called
+    after every change of the frozen set and :meth:`remove` at detach.
+
+    Args:
+        model: the unwrapped model.
+        layers: its layers (any order).
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[Layer]):
+        self.reentrant = False
+        self._outside: set[int] = set()  # id(module) of layers seen running with grad enabled
+        self._root_grad: Optional[bool] = None
+        self._frozen: list[nn.Module] = []
+        self._bridges: list[Any] = []
+        self._probes = [model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._exit)]
+        for module in {id(layer.module): layer.module for layer in layers}.values():
+            self._probes.append(module.register_forward_pre_hook(self._seen))
+
+    # -- detection (first forward pass in training mode) -------------------
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if module.training and self._root_grad is None:
+            self._root_grad = torch.is_grad_enabled()
+
+    def _seen(self, module: nn.Module, args: Any) -> None:
+        if self._root_grad:
+            if torch.is_grad_enabled():
+                self._outside.add(id(module))
+            elif not self.reentrant:
+                self.reentrant = True  # a layer ran under no_grad inside a grad-enabled forward
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._root_grad is None:
+            return
+        if not self._root_grad:
+            self._root_grad = None  # an eval/no_grad pass tells nothing; wait for a training one
+            return
+        for handle in self._probes:
+            handle.remove()
+        self._probes = []
+        if self.reentrant:
+            log.warning(
+                "layerfreeze: reentrant activation checkpointing detected; frozen layers will pass "
+                "gradients on to checkpointed ones (transformers #21381). HINT: non-reentrant "
+                "checkpointing (use_reentrant=False) avoids the extra work"
+            )
+        self._place()
+
+    # -- bridging ---------------------------------------------------------
+    def update(self, frozen_layers: Sequence[Layer]) -> None:
+        """Set the frozen layers (in freeze order) after a change."""
+        self._frozen = [layer.module for layer in frozen_layers]
+        self._place()
+
+    def _place(self) -> None:
+        for handle in self._bridges:
+            handle.remove()
+        if self._probes:
+            # Not detected yet (e.g. a resumed run frozen before its first forward):
+            # bridge every frozen layer for that one pass; it only adds work.
+            targets = self._frozen
+        elif self.reentrant:
+            outside = [m for m in self._frozen if id(m) in self._outside]
+            targets = outside[-1:]
+        else:
+            targets = []
+        self._bridges = [m.register_forward_hook(_bridge_hook) for m in targets]
+
+    def remove(self) -> None:
+        """Remove every hook."""
+        for handle in self._probes:
+            handle.remove()
+        self._probes = []
+        self._frozen = []
+        self._place()
