@@ -229,3 +229,16 @@ def test_max_duration_in_samples_is_rejected():
     trainer = _trainer([LayerFreezing()], max_duration="64sp")
     with pytest.raises(ValueError, match=r"max_duration must be in epochs \('ep'\) or batches \('ba'\)"):
         trainer.fit()
+
+
+def test_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Composer\n", 1)[1].split("\n## ", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(re.findall(r"```python\n(.*?)```", section, re.S)[0], "README.md", "exec"), {})
+    assert capsys.readouterr().out.endswith("True\n")

@@ -195,3 +195,18 @@ def test_mid_epoch_checkpoint_restores_the_frozen_set(tmp_path):
     # step 10 of 16: fraction (10/16 - 0.25) / 0.75 = 0.5, int(0.5 * 5) = 2 layers
     assert saved["step"] == 10 and saved["depth"] == 2
     assert starts == [[], ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]]
+
+
+def _readme_code(title: str) -> str:
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0], re.S)[0]
+
+
+def test_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_readme_code("Lightning"), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "['net.0.weight', 'net.0.bias', 'net.2.weight', 'net.2.bias']\n" in out and out.endswith("True\n")

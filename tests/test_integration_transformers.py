@@ -141,3 +141,15 @@ def test_resume_with_gradient_accumulation(tmp_path):
     resumed = _run(tmp_path, callbacks, resume=str(tmp_path / "checkpoint-4"), gradient_accumulation_steps=2)
     assert all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))
     assert _frozen(full) == _frozen(resumed) != []
+
+
+def test_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Hugging Face Transformers\n", 1)[1].split("\n## ", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(re.findall(r"```python\n(.*?)```", section, re.S)[0], "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "[0.0, 0.0, 3.0, 7.0, 10.0, 14.0, 17.0, 21.0]\n" in out and out.endswith("True\n")
