@@ -210,6 +210,7 @@ def test_run_record_follows_the_schedule():
     spe = settings.steps_per_epoch(len(data.y_train))
     record = run_one(resolve_model("mlp"), data, bench_variants.get_variant("start0.1"), 1, settings)
     assert record.steps == 4 * spe and len(record.epoch_train_loss) == 4
+    assert sum(record.epoch_seconds) == pytest.approx(record.train_seconds, abs=1e-3)
     assert record.layers == 5  # mlp: 4 hidden Linear + head
     # Decisions at epoch ends: depth int(fraction * 4) with fraction (t - 0.1) / 0.9.
     expected = [[1, 0]]
@@ -226,7 +227,7 @@ def test_run_record_follows_the_schedule():
 
 
 def _record(variant: str, seed: int, seconds: float, accuracy: float) -> RunRecord:
-    return RunRecord(variant, seed, seconds, 0.1, accuracy, 0.5, [0.5], 10, 5, 0, 0.0, 0.0, 0)
+    return RunRecord(variant, seed, seconds, seconds / 2, 0.1, accuracy, 0.5, [0.5], [seconds], 10, 5, 0, 0.0, 0.0, 0)
 
 
 def test_summary_speedup_is_baseline_median_over_variant_median():
@@ -237,6 +238,7 @@ def test_summary_speedup_is_baseline_median_over_variant_median():
     assert set(rows) == {"none", "fast", "once"}
     assert rows["none"]["speedup"] == 1.0
     assert rows["fast"]["speedup"] == pytest.approx(12.0 / 7.0)
+    assert rows["fast"]["cpu_speedup"] == pytest.approx(6.0 / 3.5)
     assert rows["fast"]["accuracy_mean"] == pytest.approx(0.88)
     assert rows["fast"]["accuracy_ci95"] == pytest.approx(4.303 * 0.02 / math.sqrt(3))
     assert rows["once"]["accuracy_ci95"] is None and rows["once"]["speedup"] == 3.0

@@ -30,13 +30,14 @@ def _run(*args: str, cwd=None, env_extra=None) -> subprocess.CompletedProcess:
 
 NUMBER = (int, float)
 RUN = {
-    "variant": str, "seed": int, "train_seconds": NUMBER, "eval_seconds": NUMBER, "test_accuracy": NUMBER,
-    "final_train_loss": NUMBER, "epoch_train_loss": [NUMBER], "steps": int, "layers": int,
+    "variant": str, "seed": int, "train_seconds": NUMBER, "train_cpu_seconds": NUMBER, "eval_seconds": NUMBER, "test_accuracy": NUMBER,
+    "final_train_loss": NUMBER, "epoch_train_loss": [NUMBER], "epoch_seconds": [NUMBER], "steps": int, "layers": int,
     "frozen_depth_end": int, "frozen_layer_share_end": NUMBER, "frozen_flops_share_end": NUMBER,
     "params_frozen_end": int, "depth_changes": [[int]], "predicted_speedup": NUMBER,
 }
 SUMMARY = {
     "variant": str, "runs": int, "baseline": str, "median_train_seconds": NUMBER, "speedup": NUMBER,
+    "median_train_cpu_seconds": NUMBER, "cpu_speedup": NUMBER,
     "accuracy_mean": NUMBER, "accuracy_ci95": (int, float, type(None)), "frozen_layer_share_end": NUMBER,
     "frozen_flops_share_end": NUMBER, "predicted_speedup": NUMBER,
 }
@@ -91,6 +92,7 @@ def check_numbers(document) -> None:
         assert run["frozen_layer_share_end"] == pytest.approx(run["frozen_depth_end"] / run["layers"])
     baseline = summary[0]["baseline"]
     base_times = sorted(r["train_seconds"] for r in runs if r["variant"] == baseline)
+    base_cpu = sorted(r["train_cpu_seconds"] for r in runs if r["variant"] == baseline)
     for row in summary:
         times = sorted(r["train_seconds"] for r in runs if r["variant"] == row["variant"])
         accuracies = [r["test_accuracy"] for r in runs if r["variant"] == row["variant"]]
@@ -98,6 +100,8 @@ def check_numbers(document) -> None:
         assert row["runs"] == len(times)
         assert row["median_train_seconds"] == pytest.approx(median(times))
         assert row["speedup"] == pytest.approx(median(base_times) / median(times))
+        cpu = sorted(r["train_cpu_seconds"] for r in runs if r["variant"] == row["variant"])
+        assert row["cpu_speedup"] == pytest.approx(median(base_cpu) / median(cpu))
         assert row["accuracy_mean"] == pytest.approx(sum(accuracies) / len(accuracies))
         assert 0.0 <= row["accuracy_mean"] <= 1.0
 

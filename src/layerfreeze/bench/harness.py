@@ -53,10 +53,12 @@ class RunRecord:
     variant: str
     seed: int
     train_seconds: float
+    train_cpu_seconds: float
     eval_seconds: float
     test_accuracy: float
     final_train_loss: float
     epoch_train_loss: list[float]
+    epoch_seconds: list[float]
     steps: int
     layers: int
     frozen_depth_end: int
@@ -134,9 +136,10 @@ def run_one(ref: ModelRef, data: Dataset, variant: Variant, seed: int, settings:
     example = data.x_train[:8]
     depths: list[int] = []
     epoch_losses: list[float] = []
+    epoch_seconds: list[float] = []
     loss_value = float("nan")
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if freezing is not None:
         freezing.attach(model, optimizer, total_steps=total, steps_per_epoch=spe, example_inputs=example)
     step = 0
@@ -160,7 +163,9 @@ def run_one(ref: ModelRef, data: Dataset, variant: Variant, seed: int, settings:
                 on_step(label, step, total, epoch + 1, settings.epochs, loss_value, depths[-1],
                         len(freezing.layers) if freezing is not None else 0)
         epoch_losses.append(running / spe)
+        epoch_seconds.append(time.perf_counter() - start - sum(epoch_seconds))
     train_seconds = time.perf_counter() - start
+    train_cpu_seconds = time.process_time() - cpu_start
 
     start = time.perf_counter()
     accuracy = _evaluate(model, data)
@@ -177,8 +182,10 @@ def run_one(ref: ModelRef, data: Dataset, variant: Variant, seed: int, settings:
         layers, shares, params_frozen = definition_order(model), [0.0], 0
     end_depth = depths[-1] if depths else 0
     return RunRecord(
-        variant=variant.name, seed=seed, train_seconds=train_seconds, eval_seconds=eval_seconds,
-        test_accuracy=accuracy, final_train_loss=loss_value, epoch_train_loss=epoch_losses, steps=step,
+        variant=variant.name, seed=seed, train_seconds=train_seconds, train_cpu_seconds=train_cpu_seconds,
+        eval_seconds=eval_seconds,
+        test_accuracy=accuracy, final_train_loss=loss_value, epoch_train_loss=epoch_losses,
+        epoch_seconds=epoch_seconds, steps=step,
         layers=len(layers), frozen_depth_end=end_depth,
         frozen_layer_share_end=end_depth / len(layers) if layers else 0.0,
         frozen_flops_share_end=shares[end_depth] if end_depth < len(shares) else 0.0,
@@ -227,8 +234,10 @@ def summarize_runs(records: Sequence[RunRecord], variant_names: Sequence[str],
                    baseline: str = "none") -> list[dict[str, Any]]:
     """One summary row per variant that has runs (``summary`` entries of the JSON).
 
-    ``speedup`` is the baseline's median training time over the variant's; the
-    baseline is ``"none"`` when it ran, else the first variant listed.
+    ``speedup`` is the baseline's median training wall time over the variant's;
+    ``cpu_speedup`` the same with process CPU time, which other processes on a shared
+    machine disturb less. The baseline is ``"none"`` when it ran, else the first
+    variant listed.
     """
     by_variant = {name: [r for r in records if r.variant == name] for name in variant_names}
     by_variant = {name: runs for name, runs in by_variant.items() if runs}
@@ -237,9 +246,11 @@ def summarize_runs(records: Sequence[RunRecord], variant_names: Sequence[str],
     if baseline not in by_variant:
         baseline = next(iter(by_variant))
     base_time = median([r.train_seconds for r in by_variant[baseline]])
+    base_cpu = median([r.train_cpu_seconds for r in by_variant[baseline]])
     rows = []
     for name, runs in by_variant.items():
         time_median = median([r.train_seconds for r in runs])
+        cpu_median = median([r.train_cpu_seconds for r in runs])
         accuracy, half = mean_ci95([r.test_accuracy for r in runs])
         rows.append({
             "variant": name,
@@ -247,6 +258,8 @@ def summarize_runs(records: Sequence[RunRecord], variant_names: Sequence[str],
             "baseline": baseline,
             "median_train_seconds": time_median,
             "speedup": base_time / time_median,
+            "median_train_cpu_seconds": cpu_median,
+            "cpu_speedup": base_cpu / cpu_median,
             "accuracy_mean": accuracy,
             "accuracy_ci95": half,
             "frozen_layer_share_end": median([r.frozen_layer_share_end for r in runs]),

@@ -22,8 +22,11 @@ Results JSON (``bench.json``, format ``"layerfreeze-bench/1"``)::
       "runs": [                                   # one per finished run, in run order
         {"variant": "composer", "seed": 0,
          "train_seconds": 41.2,                   # wall time of the training loop, attach included
+         "train_cpu_seconds": 40.8,               # process CPU time of the same (all threads)
          "eval_seconds": 0.4, "test_accuracy": 0.97,   # accuracy in [0, 1]
-         "final_train_loss": 0.05, "epoch_train_loss": [...], "steps": 60,
+         "final_train_loss": 0.05, "epoch_train_loss": [...],
+         "epoch_seconds": [...],                  # wall time of each epoch (the first includes attach)
+         "steps": 60,
          "layers": 43,                            # freezable layers of the model
          "frozen_depth_end": 25,                  # layers frozen during the last step
          "frozen_layer_share_end": 0.58, "frozen_flops_share_end": 0.41,
@@ -35,6 +38,8 @@ Results JSON (``bench.json``, format ``"layerfreeze-bench/1"``)::
         {"variant": "composer", "runs": 3, "baseline": "none",
          "median_train_seconds": 40.9,
          "speedup": 1.14,                         # baseline median / this median
+         "median_train_cpu_seconds": 40.5,
+         "cpu_speedup": 1.12,                     # the same with CPU time
          "accuracy_mean": 0.97, "accuracy_ci95": 0.01,   # half-width; null with one run
          "frozen_layer_share_end": 0.58, "frozen_flops_share_end": 0.41,
          "predicted_speedup": 1.12}
@@ -118,6 +123,7 @@ def render_table(summary: Sequence[dict[str, Any]], title: str) -> Any:
     table.add_column("runs", justify="right")
     table.add_column("median time", justify="right")
     table.add_column("speedup", justify="right")
+    table.add_column("CPU-time speedup", justify="right")
     table.add_column("predicted", justify="right")
     table.add_column("test accuracy (95% CI)", justify="right")
     table.add_column("frozen at end (layers / FLOPs)", justify="right")
@@ -127,6 +133,7 @@ def render_table(summary: Sequence[dict[str, Any]], title: str) -> Any:
             str(row["runs"]),
             f"{row['median_train_seconds']:.{1 if row['median_train_seconds'] >= 10 else 2}f} s",
             f"{row['speedup']:.2f}x",
+            f"{row['cpu_speedup']:.2f}x",
             f"{row['predicted_speedup']:.2f}x",
             _accuracy_text(row),
             f"{100 * row['frozen_layer_share_end']:.0f}% / {100 * row['frozen_flops_share_end']:.0f}%",
