@@ -101,18 +101,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in policies:
         if name not in POLICIES:
             parser.error(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
-    rows = []
+    print(f"{args.steps} steps per block, median of {args.repeats} interleaved rounds, "
+          f"{args.clock} clock, {args.threads} thread(s), torch {torch.__version__}")
+    print(table(["model", "policy", "ms / step", "time / plain"], []), flush=True)
     for model_name in args.models.split(","):
         if model_name not in SETUPS:
             parser.error(f"unknown model {model_name!r}; choose from {', '.join(SETUPS)}")
         runners = {p: make_runner(model_name, p, args.steps) for p in policies}
         medians = interleaved_medians(runners, args.repeats, warmup=1, clock=args.clock)
         base = medians["plain"]
-        for p in policies:
-            rows.append([model_name, p, f"{1e3 * medians[p] / args.steps:.3f}", f"{medians[p] / base:.3f}"])
-    print(f"{args.steps} steps per block, median of {args.repeats} interleaved rounds, "
-          f"{args.clock} clock, {args.threads} thread(s), torch {torch.__version__}")
-    print(table(["model", "policy", "ms / step", "time / plain"], rows))
+        for p in policies:  # row by row, so a long run shows results as they come
+            print(f"| {model_name} | {p} | {1e3 * medians[p] / args.steps:.3f} | {medians[p] / base:.3f} |",
+                  flush=True)
     return 0
 
 
