@@ -20,6 +20,7 @@ __all__ = [
     "set_threads",
     "interleaved_medians",
     "no_grad_until",
+    "first_forward",
     "saved_bytes",
     "backward_nodes",
     "grad_bytes",
@@ -93,6 +94,25 @@ def no_grad_until(model: nn.Module, boundary: Optional[nn.Module]) -> Iterator[N
         for handle in handles:
             handle.remove()
         torch.set_grad_enabled(True)
+
+
+def first_forward(model: nn.Module, *inputs: Any) -> None:
+    """One training forward of the whole model after ``LayerFreezing.attach``; buffers restored.
+
+    The library watches the model's first training forward (execution-order
+    tracing, detection of reentrant activation checkpointing) and until then may
+    keep hooks on frozen layers. A training loop calls the model anyway; code that
+    only calls parts of it (``PrefixCache`` stages) must do this once.
+    """
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    was_training = model.training
+    model.train()
+    with torch.enable_grad():
+        model(*inputs)
+    model.train(was_training)
+    with torch.no_grad():
+        for buffer, copy in saved:
+            buffer.copy_(copy)
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], model: Optional[nn.Module] = None) -> tuple[torch.Tensor, int]:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layerfreeze as lf  # noqa: E402
 from layerfreeze.bench import models as bundled  # noqa: E402
 from layerfreeze.cache import PrefixCache  # noqa: E402
-from _common import CLOCKS, interleaved_medians, set_threads, table  # noqa: E402
+from _common import CLOCKS, first_forward, interleaved_medians, set_threads, table  # noqa: E402
 
 
 class Stem(nn.Module):
@@ -91,6 +91,7 @@ def limit_table(args: argparse.Namespace) -> list[list[str]]:
         stages = stages_of(model)
         opt = _optimizer(model.parameters())
         freezing = lf.LayerFreezing(unit="owner").attach(model, opt, total_steps=10**9)
+        first_forward(model, batches[0][0])
         freezing.set_depth(depth_at_cut(freezing.layers, stages, cut))
         cache = PrefixCache(stages, max_bytes=args.max_mib << 20)
         # (2) library without the cache
@@ -98,6 +99,7 @@ def limit_table(args: argparse.Namespace) -> list[list[str]]:
         plain_stages = stages_of(plain)
         plain_opt = _optimizer(plain.parameters())
         plain_freezing = lf.LayerFreezing(unit="owner").attach(plain, plain_opt, total_steps=10**9)
+        first_forward(plain, batches[0][0])
         plain_freezing.set_depth(freezing.frozen_depth)
         # (3) the limit: the suffix alone on precomputed prefix outputs
         limit = copy.deepcopy(base)
@@ -191,6 +193,7 @@ def fine_tune(args: argparse.Namespace, mode: str) -> tuple[float, float, Option
         depth = depth_at_cut(lf.definition_order(model, "owner"), stages, args.finetune_cut)
         freezing = lf.LayerFreezing(policy=FreezeAt(args.freeze_start, depth), interval="epoch", unit="owner")
         freezing.attach(model, opt, total_steps=total, steps_per_epoch=steps_per_epoch)
+        first_forward(model, tokens[: args.batch])
     cache = PrefixCache(stages, max_bytes=args.max_mib << 20) if mode == "cache" else None
     order = torch.Generator().manual_seed(args.seed + 1)
     clock = CLOCKS[args.clock]

