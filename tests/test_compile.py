@@ -95,6 +95,17 @@ def test_frozen_weights_do_not_move_under_compile():
     assert not torch.equal(model.get_parameter("6.weight"), before["6.weight"])
 
 
+def test_one_compilation_per_frozen_set_after_an_eager_first_forward():
+    # The workaround while PROBES_BREAK_COMPILE holds: one eager training forward first.
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezing = lf.LayerFreezing(freeze_start=0.0, interval="step").attach(model, opt, total_steps=8)
+    model(torch.randn(2, 4))
+    counter = CompileCounterWithBackend("aot_eager")
+    depths = train(model, opt, freezing, torch.compile(model, backend=counter), steps=8)
+    assert counter.frame_count == len(set(depths)) == 3
+
+
 @PROBES_BREAK_COMPILE
 def test_returning_to_an_earlier_depth_reuses_its_compilation():
     model = small_mlp()
