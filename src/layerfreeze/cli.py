@@ -335,11 +335,11 @@ def _bench(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     err = _console(stderr=True)
     notes = _NoteCollector()
     log.addHandler(notes)
-    err.print(f"layerfreeze bench: {title}")
+    err.print(f"layerfreeze bench: {title}", soft_wrap=True)
     if threads_note:
-        err.print(f"  note: {threads_note}")
+        err.print(f"  note: {threads_note}", soft_wrap=True)
     err.print(f"  {len(variants) * len(seeds)} runs ({', '.join(v.name for v in variants)}), interleaved across seeds; "
-              "Ctrl-C stops and keeps the finished runs")
+              "Ctrl-C stops and keeps the finished runs", soft_wrap=True)
     try:
         records, interrupted = _run_with_progress(err, args.no_progress, ref, data, variants, seeds, settings,
                                                   run_bench)
@@ -358,7 +358,7 @@ def _bench(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     else:
         console.print(f"no run finished; results: {json_path}")
     for message in notes.messages:
-        err.print(f"note: {message}")
+        err.print(f"note: {message}", soft_wrap=True)
     if interrupted:
         err.print(f"layerfreeze bench: interrupted after {len(records)} finished run(s); their results are saved")
         return 130
@@ -394,7 +394,7 @@ def _run_with_progress(err: Any, quiet: bool, ref: Any, data: Any, variants: Any
 
     if quiet or not err.is_terminal:
         # No live display (not a terminal, or asked for none): one line a finished run.
-        return run_bench(ref, data, variants, seeds, settings, on_run=lambda r: err.print(line(r)))
+        return run_bench(ref, data, variants, seeds, settings, on_run=lambda r: err.print(line(r), soft_wrap=True))
 
     progress = Progress(
         TextColumn("{task.description:<18}"), BarColumn(bar_width=24), MofNCompleteColumn(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import textwrap
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch import nn
 from ..algorithm import LayerFreezing
 from ..layers import layer_flops, total_flops
 
-__all__ = ["PlanRow", "Plan", "make_plan", "render_plan", "plot_plan"]
+__all__ = ["PlanRow", "Plan", "make_plan", "render_plan", "summary_line", "plot_plan"]
 
 
 @dataclass(frozen=True)
@@ -206,15 +206,3 @@ def plot_plan(plan: Plan, path: str, title: str) -> None:
     fig.savefig(path)
     plt.close(fig)
 
-
-def check_steps(steps: int, steps_per_epoch: Optional[int]) -> None:
-    """ValueError for impossible step counts (before anything is built)."""
-    if steps < 1:
-        raise ValueError(f"--steps must be a positive integer, got {steps}")
-    if steps_per_epoch is not None and not 1 <= steps_per_epoch:
-        raise ValueError(f"--steps-per-epoch must be a positive integer, got {steps_per_epoch}")
-
-
-def describe_rows(rows: Sequence[PlanRow]) -> list[dict[str, Any]]:
-    """Rows as plain dicts (for ``--json``)."""
-    return [row.__dict__.copy() for row in rows]

@@ -151,23 +151,23 @@ def plot_runs(records: Sequence[RunRecord], summary: Sequence[dict[str, Any]], p
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    all_accuracy = []
+    low, high = 100.0, 0.0
     for index, row in enumerate(summary):
         color = colors[index % len(colors)]
         runs = [r for r in records if r.variant == row["variant"]]
         seconds = [r.train_seconds for r in runs]
         accuracy = [100 * r.test_accuracy for r in runs]
-        all_accuracy += accuracy
         ax.scatter(seconds, accuracy, color=color, alpha=0.45, s=28, zorder=2)
         mean_accuracy, accuracy_half = mean_ci95(accuracy)
+        half = accuracy_half or 0.0
+        low, high = min(low, *accuracy, mean_accuracy - half), max(high, *accuracy, mean_accuracy + half)
         # x: the median time, the figure the speedup is computed from.
         label = f"{row['variant']}: {row['speedup']:.2f}x, {mean_accuracy:.1f}%"
         ax.errorbar(row["median_train_seconds"], mean_accuracy, yerr=accuracy_half, color=color, marker="D",
                     markersize=8, capsize=4, linewidth=1.5, label=label, zorder=3)
-    # Frame the runs themselves; with few seeds a CI can reach far beyond them.
-    low, high = min(all_accuracy), max(all_accuracy)
-    pad = max(1.0, 0.25 * (high - low))
-    ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad) + 0.5)
+    # Accuracy lies in [0, 100]; a CI from few seeds may reach past it.
+    pad = max(0.5, 0.05 * (high - low))
+    ax.set_ylim(max(0.0, low - pad), min(100.0, high) + pad)
     ax.set_xlim(left=0)
     ax.set_xlabel("training wall time per run (s)")
     ax.set_ylabel("test accuracy (%)")
