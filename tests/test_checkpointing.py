@@ -149,3 +149,12 @@ def test_hugging_face_reentrant_gradient_checkpointing():
     with pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):
         plain_grads = grads(plain)
     assert all(g is None for g in plain_grads.values())  # the silent failure of transformers #21381
+
+
+def test_models_without_checkpointing_get_no_hooks():
+    """No probe hooks where no checkpointing is possible, so torch.compile traces a hook-free model."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    freezing = lf.LayerFreezing(freeze_start=0.0).attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                          total_steps=10)
+    freezing.set_depth(1)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

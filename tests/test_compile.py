@@ -36,18 +36,6 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, freezing: lf.LayerFreezi
     return depths
 
 
-# Since checkpointing.GradientBridge (commit 547ac0f) LayerFreezing keeps probe hooks on
-# the model until its first training forward. Under torch.compile that first forward is
-# traced: the probe removing hooks is a graph break, dynamo then stops compiling the model
-# as a whole, and no freeze change recompiles it (frame_count stays 1). These tests state
-# the behaviour users rely on and fail until the probes are made compile-safe; strict, so
-# the marker must go once they pass.
-PROBES_BREAK_COMPILE = pytest.mark.xfail(
-    strict=True,
-    reason="GradientBridge's first-forward probes break torch.compile (graph break in checkpointing.py)",
-)
-
-
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     dynamo.reset()
@@ -55,7 +43,6 @@ def fresh_dynamo():
     dynamo.reset()
 
 
-@PROBES_BREAK_COMPILE
 def test_one_compilation_per_frozen_set_with_aot_eager():
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -96,7 +83,8 @@ def test_frozen_weights_do_not_move_under_compile():
 
 
 def test_one_compilation_per_frozen_set_after_an_eager_first_forward():
-    # The workaround while PROBES_BREAK_COMPILE holds: one eager training forward first.
+    # An eager training forward first (once the workaround for GradientBridge's probes, now gone
+    # for models without activation checkpointing) must not change the compile count either.
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     freezing = lf.LayerFreezing(freeze_start=0.0, interval="step").attach(model, opt, total_steps=8)
@@ -106,7 +94,6 @@ def test_one_compilation_per_frozen_set_after_an_eager_first_forward():
     assert counter.frame_count == len(set(depths)) == 3
 
 
-@PROBES_BREAK_COMPILE
 def test_returning_to_an_earlier_depth_reuses_its_compilation():
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -121,7 +108,6 @@ def test_returning_to_an_earlier_depth_reuses_its_compilation():
     assert counter.frame_count == 2
 
 
-@PROBES_BREAK_COMPILE
 def test_max_changes_bounds_recompilations():
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -133,7 +119,6 @@ def test_max_changes_bounds_recompilations():
     assert counter.frame_count == 2
 
 
-@PROBES_BREAK_COMPILE
 def test_max_changes_below_the_recompile_limit_keeps_every_frozen_set_compiled():
     # Past torch._dynamo.config.recompile_limit compiled frozen sets, dynamo stops compiling the
     # model and runs it eagerly; max_changes = limit - 1 keeps the whole run compiled.
@@ -149,7 +134,6 @@ def test_max_changes_below_the_recompile_limit_keeps_every_frozen_set_compiled()
     assert counter.frame_count == limit
 
 
-@PROBES_BREAK_COMPILE
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("LAYERFREEZE_TEST_INDUCTOR") != "1",

@@ -30,6 +30,20 @@ __all__ = ["GradientBridge"]
 log = logging.getLogger("layerfreeze")
 
 
+def _may_checkpoint(model: nn.Module) -> bool:
+    # Probe only models that may checkpoint: a Hugging Face layer with gradient
+    # checkpointing on, or a module whose forward names something "checkpoint"
+    # (torch.utils.checkpoint.checkpoint, checkpoint_sequential). The probes are
+    # hooks, and hooks removed mid-run break torch.compile's graph.
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            return True
+        code = getattr(type(module).forward, "__code__", None)
+        if code is not None and any("checkpoint" in name for name in code.co_names):
+            return True
+    return False
+
+
 def _bridge_hook(module: nn.Module, args: Any, output: Any) -> Any:
     return _require_grad(output)
 
@@ -48,6 +62,9 @@ def _require_grad(output: Any) -> Any:
 class GradientBridge:
     """Detects reentrant checkpointing and bridges gradients past the frozen layers.
 
+    Models that show no sign of activation checkpointing at attach (see
+    ``_may_checkpoint``) get no hooks at all.
+
     Created by :class:`layerfreeze.LayerFreezing` at attach; :meth:`update` is called
     after every change of the frozen set and :meth:`remove` at detach.
 
@@ -62,6 +79,9 @@ class GradientBridge:
         self._root_grad: Optional[bool] = None
         self._frozen: list[nn.Module] = []
         self._bridges: list[Any] = []
+        self._probes: list[Any] = []
+        if not _may_checkpoint(model):
+            return  # no probes: nothing on the model, so torch.compile sees no hooks
         self._probes = [model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._exit)]
         for module in {id(layer.module): layer.module for layer in layers}.values():
             self._probes.append(module.register_forward_pre_hook(self._seen))
