@@ -48,8 +48,11 @@ class LayerFreezingCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Optimizers exist now, and Lightning loads their state only after this hook.
+        # Attach to the strategy's model: under DDP that is the wrapper, whose
+        # gradient reducer must be rebuilt when the trainable set changes.
         if not self._attached:
-            self.freezing.attach(pl_module, trainer.optimizers, total_steps=int(trainer.estimated_stepping_batches))
+            model = trainer.strategy.model if trainer.strategy.model is not None else pl_module
+            self.freezing.attach(model, trainer.optimizers, total_steps=int(trainer.estimated_stepping_batches))
             self._attached = True
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
