@@ -200,14 +200,11 @@ class LayerFreezing:
         costs = layer_flops(inner, layers, run) if run is not None else None
 
         self._wrapper = model
+        self._freezer = Freezer(inner, optimizer_list, layers, batchnorm=self.batchnorm, shared=self.shared)
         self._context = Context(inner, optimizer_list, layers, costs, total_steps, self._resolve_layers)
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
-        # The policy binds before the freezer records the param groups: a policy may
-        # restructure them (FreezeOut gives each layer its own group), and unfreezing
-        # must put parameters back into the groups as the policy left them.
         self.policy.bind(self._context)
-        self._freezer = Freezer(inner, optimizer_list, layers, batchnorm=self.batchnorm, shared=self.shared)
         # Reentrant activation checkpointing after frozen layers (checkpointing.py, issue 6 item 7).
         self._bridge = checkpointing.GradientBridge(inner, layers)
         self._attached = True

@@ -26,10 +26,10 @@ log = logging.getLogger("layerfreeze")
 #: linear interpolation is raised to this power (cubic by default).
 SPACINGS = {"linear": 1, "squared": 2, "cubic": 3}
 
-#: Extra keys of each param group FreezeOut creates: the layer it holds, and the
-#: position of the user's group it came from (whose rate it follows).
+#: Extra key of the per-layer param groups FreezeOut builds for each step: the layer.
 GROUP_KEY = "freezeout_layer"
-PARENT_KEY = "freezeout_parent"
+
+_MISSING = object()
 
 
 def freeze_times(count: int, t0: float, spacing: str = "cubic") -> list[float]:
@@ -78,20 +78,18 @@ class FreezeOut(Policy):
     the plain cosine to zero at the end of training (``t = 1``, unscaled is then the
     same as scaled), as the paper's classifier does.
 
-    How it touches the optimizer: at attach each layer's parameters move to a param
-    group of their own, appended after your groups (a copy of the group they came
-    from, plus the keys ``"freezeout_layer"`` and ``"freezeout_parent"``); your
-    groups stay at their positions, holding only parameters of no layer (often
-    none; empty groups are fine for torch optimizers). During each
-    ``optimizer.step()`` (step pre- and post-hooks) every layer's group runs at its
-    parent group's ``lr`` times the layer's factor; afterwards all rates are
-    restored exactly. So an LR scheduler, built before or after attach, keeps
-    driving your groups' rates and composes multiplicatively with FreezeOut (a
-    per-group scheduler built after attach cannot give layers different rates:
-    they follow their parent). The paper uses FreezeOut in place of a decaying
-    schedule; with a cosine scheduler on top, rates decay twice. ``detach`` merges
-    the groups back. The optimizer's ``state_dict`` holds the split groups, and a
-    fresh optimizer is split the same way by ``attach``, so resume just works.
+    How it touches the optimizer: for the duration of each ``optimizer.step()``
+    (a step pre-hook swaps the groups in, a post-hook swaps them back) every
+    layer's parameters form a param group of their own: a copy of the group they
+    are in, with the extra key ``"freezeout_layer"`` and ``lr`` set to that group's
+    ``lr`` times the layer's factor. Between steps the optimizer holds exactly your
+    groups, untouched. So an LR scheduler, built before or after attach, keeps
+    driving your groups' rates and composes multiplicatively with FreezeOut, and
+    ``optimizer.state_dict()`` looks as without FreezeOut. The paper uses FreezeOut
+    in place of a decaying schedule; with a cosine scheduler on top, rates decay
+    twice. Values an optimizer writes into its groups during a step (some
+    third-party adaptive optimizers keep running estimates there) are carried back
+    from the group's first per-layer copy.
 
     Args:
         t0: fraction of training at which the first layer freezes, in (0, 1].
@@ -107,8 +105,8 @@ class FreezeOut(Policy):
         >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
         >>> freezing = LayerFreezing(policy=FreezeOut(t0=0.5, spacing="linear"), interval="step")
         >>> _ = freezing.attach(net, opt, total_steps=4)
-        >>> [group.get("freezeout_layer") for group in opt.param_groups]
-        [None, '0', '1', '2']
+        >>> len(opt.param_groups)  # between steps, the user's groups as they were
+        1
         >>> for _ in range(4):
         ...     net(torch.randn(2, 4)).sum().backward(); opt.step(); opt.zero_grad(); freezing.step()
         >>> freezing.frozen_depth
@@ -127,8 +125,9 @@ class FreezeOut(Policy):
         self.scale_lr = scale_lr
         self._step = 0
         self._handles: list[Any] = []
-        self._saved: dict[int, tuple[torch.optim.Optimizer, list[Any]]] = {}
-        self._original: list[tuple[torch.optim.Optimizer, list[tuple[dict, list]]]] = []
+        self._saved: dict[int, tuple[torch.optim.Optimizer, list[dict], list[Any]]] = {}
+        self._owner: dict[int, str] = {}
+        self._splits: dict[tuple[int, int], tuple[list, list, list]] = {}
         self._times_for: Any = None
         self._times: dict[str, float] = {}
 
@@ -163,91 +162,86 @@ class FreezeOut(Policy):
         if context.total_steps is None:
             raise ValueError("FreezeOut needs total_steps in its context (LayerFreezing.attach passes it)")
         self._total = context.total_steps
-        owner: dict[int, str] = {}
+        self._owner = {}
         for layer in context.layers:  # a tied parameter goes with the first layer holding it
             for p in layer.module.parameters(recurse=False):
-                owner.setdefault(id(p), layer.name)
-        self._original = []
+                self._owner.setdefault(id(p), layer.name)
+        self._splits = {}
         for optimizer in context.optimizers:
-            originals = [(group, list(group["params"])) for group in optimizer.param_groups]
-            self._original.append((optimizer, originals))
-            # The user's groups stay first, at their positions, holding only the
-            # parameters of no layer (often none): an LR scheduler, built before or
-            # after attach, keeps updating them, and each layer's group reads its
-            # base rate from its parent. The layers' groups follow, parent by parent.
-            children = []
-            for position, group in enumerate(optimizer.param_groups):
-                rest, by_layer = [], {}
-                for p in group["params"]:
-                    name = owner.get(id(p))
-                    if name is None:
-                        rest.append(p)
-                    else:
-                        by_layer.setdefault(name, []).append(p)
-                for name, params in by_layer.items():
-                    child = {k: v for k, v in group.items() if k != "params"}
-                    child.update({"params": params, GROUP_KEY: name, PARENT_KEY: position})
-                    children.append(child)
-                group["params"] = rest
-            optimizer.param_groups.extend(children)
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
 
+    def _split(self, params: list) -> tuple[list, list[tuple[str, list]]]:
+        # A group's parameters by layer, in parameter order. Cached by the list
+        # object: the freezer replaces a group's list whenever it changes it.
+        key = (id(params), len(params))
+        cached = self._splits.get(key)
+        if cached is not None and cached[0] is params:
+            return cached[1], cached[2]
+        rest, by_layer = [], {}
+        for p in params:
+            name = self._owner.get(id(p))
+            if name is None:
+                rest.append(p)
+            else:
+                by_layer.setdefault(name, []).append(p)
+        if len(self._splits) > 64:
+            self._splits.clear()
+        self._splits[key] = (params, rest, list(by_layer.items()))
+        return rest, list(by_layer.items())
+
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._restore(optimizer)  # a previous step that raised left its rates scaled
+        # For the duration of this step only, each layer's parameters form a group
+        # of their own: a copy of the user's group with the layer's rate. The user's
+        # groups are left untouched, so schedulers and state_dict never see a change.
+        self._restore(optimizer)  # a previous step that raised left its groups swapped
         if self.context.resolve_layers is not None:
             self.context.resolve_layers()  # order="execution": the first forward has run by now
         t = min(self._step / self._total, 1.0) if self._total else 0.0
         times = self.times()
         groups = optimizer.param_groups
-        saved = [group["lr"] for group in groups]
+        temporary, copies = [], []
         for group in groups:
-            parent = group.get(PARENT_KEY)
-            base = saved[parent] if parent is not None else group["lr"]
-            group["lr"] = base * lr_factor(t, times.get(group.get(GROUP_KEY), 1.0), self.scale_lr)
-        self._saved[id(optimizer)] = (optimizer, saved)
+            rest, by_layer = self._split(group["params"])
+            settings = {k: v for k, v in group.items() if k != "params"}
+            base = group["lr"]
+            first = None
+            for name, params in ([(None, rest)] if rest else []) + by_layer:
+                copy = dict(settings)
+                copy["params"] = params
+                copy["lr"] = base * lr_factor(t, times.get(name, 1.0) if name else 1.0, self.scale_lr)
+                if name is not None:
+                    copy[GROUP_KEY] = name
+                temporary.append(copy)
+                first = first or copy
+            copies.append((group, first, settings))
+        optimizer.param_groups = temporary
+        self._saved[id(optimizer)] = (optimizer, groups, copies)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._restore(optimizer)
 
     def _restore(self, optimizer: torch.optim.Optimizer) -> None:
         entry = self._saved.pop(id(optimizer), None)
-        if entry is not None:
-            for group, lr in zip(optimizer.param_groups, entry[1]):
-                group["lr"] = lr
+        if entry is None:
+            return
+        _, groups, copies = entry
+        optimizer.param_groups = groups
+        # An optimizer that keeps running values in its groups wrote them into the
+        # copies: carry those back (never the rates FreezeOut set).
+        for group, first, settings in copies:
+            if first is None:
+                continue
+            for key, value in first.items():
+                if key not in ("params", "lr", GROUP_KEY) and settings.get(key, _MISSING) is not value:
+                    group[key] = value
 
     def release(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for optimizer, _ in list(self._saved.values()):
+        for optimizer, _, _ in list(self._saved.values()):
             self._restore(optimizer)
-        for optimizer, originals in self._original:
-            self._merge(optimizer, originals)
-        self._original = []
-
-    @staticmethod
-    def _merge(optimizer: torch.optim.Optimizer, originals: list[tuple[dict, list]]) -> None:
-        # Put the groups back as the user built them, each parent's current
-        # settings kept (a scheduler or optimizer.load_state_dict may have changed
-        # them, the latter by replacing the dicts).
-        groups = optimizer.param_groups
-        present = {id(p) for g in groups for p in g["params"]}
-        expected = {id(p) for _, params in originals for p in params}
-        if present != expected or len(groups) < len(originals):
-            log.warning(
-                "layerfreeze: %s's parameters changed since attach; FreezeOut leaves its "
-                "per-layer param groups in place", type(optimizer).__name__,
-            )
-            return
-        merged = []
-        for (group, params), current in zip(originals, groups):
-            settings = {k: v for k, v in current.items() if k != "params"}
-            group.clear()
-            group.update(settings)
-            group["params"] = params
-            merged.append(group)
-        optimizer.param_groups[:] = merged
 
     # -- state -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
