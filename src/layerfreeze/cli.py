@@ -264,7 +264,7 @@ def _plan(args: argparse.Namespace) -> int:
              f"{args.steps} steps")
     console = _console()
     console.print(planning.render_plan(result, title, args.interval))
-    console.print(planning.summary_line(result, args.model))
+    console.print(planning.summary_line(result, args.model), soft_wrap=True)
     if args.plot:
         planning.plot_plan(result, args.plot, title)
         console.print(f"plot: {args.plot}")

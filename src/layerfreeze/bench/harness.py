@@ -139,9 +139,13 @@ def run_one(ref: ModelRef, data: Dataset, variant: Variant, seed: int, settings:
     epoch_seconds: list[float] = []
     loss_value = float("nan")
 
+    # A sample batch only where the settings need one up front (FLOP costs, traced
+    # order): counting FLOPs at attach would otherwise tax the freezing runs' clock.
+    needs_example = freezing is not None and (freezing.policy.needs_costs or freezing.order == "execution")
     start, cpu_start = time.perf_counter(), time.process_time()
     if freezing is not None:
-        freezing.attach(model, optimizer, total_steps=total, steps_per_epoch=spe, example_inputs=example)
+        freezing.attach(model, optimizer, total_steps=total, steps_per_epoch=spe,
+                        example_inputs=example if needs_example else None)
     step = 0
     for epoch in range(settings.epochs):
         order = torch.randperm(len(data.y_train), generator=generator)
@@ -195,9 +199,13 @@ def run_one(ref: ModelRef, data: Dataset, variant: Variant, seed: int, settings:
 
 
 def warm_up(ref: ModelRef, data: Dataset, settings: BenchSettings, steps: int = 3) -> None:
-    """A few untimed steps, so one-time costs (allocator, kernel selection) fall on no run."""
+    """A few untimed steps, so one-time costs (allocator, kernel selection, the FLOP
+    counter's imports) fall on no run."""
     torch.manual_seed(0)
     model = build_for_data(ref, data)
+    from ..layers import definition_order
+
+    _prefix_shares(model, definition_order(model), data.x_train[:2])
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
     for index in range(steps):
         batch = slice(index * settings.batch_size, (index + 1) * settings.batch_size)
