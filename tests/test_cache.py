@@ -221,6 +221,8 @@ def test_bad_arguments_name_the_argument():
     x, _ = data()
     with pytest.raises(ValueError, match="keys must hold one key per example: got 3 keys for a batch of 8"):
         PrefixCache(model)(x, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"cut must be an int in \[0, 1\] \(the frozen stages\), got 2"):
+        PrefixCache(model).prefix(x, range(8), cut=2)
 
 
 def test_progressive_schedule_with_cache_trains_exactly_as_without():

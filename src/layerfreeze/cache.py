@@ -154,6 +154,11 @@ class PrefixCache:
             By default that raises, because the cached output would differ from
             the one the model computes.
 
+    Note:
+        ``LayerFreezing`` finishes its checks on the first training forward of the
+        whole model and until then makes frozen layers' outputs require grad. A
+        loop that only calls the stages should call the model once after attach.
+
     Attributes:
         hits, misses: examples read back from the cache / computed from their
             input, since the last invalidation.
@@ -250,10 +255,16 @@ class PrefixCache:
         """Output of the first ``cut`` stages (default: the frozen ones) for the batch.
 
         With ``cut == 0`` it returns ``inputs`` as a tuple, untouched.
+
+        Raises:
+            ValueError: for a ``cut`` past the frozen stages, whose outputs still change.
         """
         args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        frozen = self.cut
         if cut is None:
-            cut = self.cut
+            cut = frozen
+        elif isinstance(cut, bool) or not isinstance(cut, int) or not 0 <= cut <= frozen:
+            raise ValueError(f"cut must be an int in [0, {frozen}] (the frozen stages), got {cut!r}")
         if cut == 0:
             return args
         key_list = keys.tolist() if isinstance(keys, torch.Tensor) else list(keys)
