@@ -325,7 +325,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           "gradients, optimizer state")
     print(table(["model", "target", "activations", "grads", "optimizer", "total", "vs none"], memory))
     worst = max(float(row[7]) for row in speed) if speed else float("nan")
-    print(f"\nworst (a)/(b) = {worst:.3f} (target <= 1.03)")
+    same = all(row[10].split("/")[0] == row[10].split("/")[1] for row in speed)
+    print(f"\nworst (a)/(b) = {worst:.3f} (target <= 1.03); backward nodes of (a) and (b) equal at "
+          f"every depth: {same}")
+    primes = [float(row[11]) for row in speed if row[11]]
+    if primes:
+        print(f"worst (a)/(b') = {max(primes):.3f} (limit written with requires_grad=False, see docs/performance.md)")
 
 
 if __name__ == "__main__":
