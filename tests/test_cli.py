@@ -277,6 +277,7 @@ def a_file(tmp_path):
     (["bench", "--variants", "none,bogus"], "unknown variant 'bogus'"),
     (["bench", "--data", "mnist"], "--data must be one of digits, synthetic or an image folder, got 'mnist'"),
     (["bench", "--input-shape", "3,32,32"], "--input-shape / --input-dtype apply to --data synthetic only"),
+    (["bench", "--model", "transformer", "--output-dir", "{tmp}"], "'transformer' takes token sequences"),
     (["bench", "--output-dir", "{file}/sub"], "--output-dir '{file}/sub' is not a writable directory"),
     (["plan", "resnet20", "--input-shape", "3,x,32"], "--input-shape must be positive integers"),
     (["plan", "resnet20", "--input-shape", "5"], "model 'resnet20' takes float images (C, H, W)"),
@@ -287,8 +288,8 @@ def a_file(tmp_path):
     (["plan", "resnet20", "--plot", "{file}/plan.png"], "is not a writable directory"),
     (["plan", "mypkg:net"], "cannot import 'mypkg'"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, message, a_file, capsys):
-    args = [arg.replace("{file}", str(a_file)) for arg in args]
+def test_bad_input_is_one_line_and_exit_2(args, message, a_file, tmp_path, capsys):
+    args = [arg.replace("{file}", str(a_file)).replace("{tmp}", str(tmp_path / "out")) for arg in args]
     assert main(args) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

@@ -288,7 +288,7 @@ def _bench(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     from .bench import report
     from .bench.data import load_data
     from .bench.harness import BenchSettings, run_bench, summarize_runs
-    from .bench.resolve import parse_dtype, parse_shape, resolve_model
+    from .bench.resolve import build_for_data, parse_dtype, parse_shape, resolve_model
 
     defaults = QUICK if args.quick else DEFAULTS
     epochs = args.epochs or defaults["epochs"]
@@ -310,6 +310,7 @@ def _bench(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
 
     torch.set_num_threads(threads)
     data = load_data(args.data, shape or (3, 32, 32), dtype)
+    build_for_data(ref, data)  # a model that cannot take this data fails here, before any run
     settings = BenchSettings(epochs=epochs, batch_size=args.batch_size, lr=args.lr, interval=args.interval)
     spe = settings.steps_per_epoch(len(data.y_train))
     config = {
