@@ -99,10 +99,11 @@ def no_grad_until(model: nn.Module, boundary: Optional[nn.Module]) -> Iterator[N
 def first_forward(model: nn.Module, *inputs: Any) -> None:
     """One training forward of the whole model after ``LayerFreezing.attach``; buffers restored.
 
-    The library watches the model's first training forward (execution-order
-    tracing, detection of reentrant activation checkpointing) and until then may
-    keep hooks on frozen layers. A training loop calls the model anyway; code that
-    only calls parts of it (``PrefixCache`` stages) must do this once.
+    The library may watch the model's first training forward (execution-order
+    tracing; detection of reentrant activation checkpointing on models that may
+    checkpoint) and until then keep hooks on layers. A training loop calls the
+    model anyway; code that only calls parts of it (``PrefixCache`` stages) should
+    do this once.
     """
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     was_training = model.training

@@ -155,9 +155,10 @@ class PrefixCache:
             the one the model computes.
 
     Note:
-        ``LayerFreezing`` finishes its checks on the first training forward of the
-        whole model and until then makes frozen layers' outputs require grad. A
-        loop that only calls the stages should call the model once after attach.
+        On a model that may use activation checkpointing, ``LayerFreezing``
+        finishes its checks on the first training forward of the whole model and
+        until then makes frozen layers' outputs require grad; a loop that only
+        calls the stages should call the model once after attach.
 
     Attributes:
         hits, misses: examples read back from the cache / computed from their
