@@ -252,7 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             for mode in modes[repeat % 3:] + modes[:repeat % 3]:
                 seconds, loss, cache = fine_tune(args, mode)
                 samples[mode].append(seconds)
-                extra = f", cache hits {cache.hits} misses {cache.misses}, {cache.nbytes / 2**20:.1f} MiB" if cache else ""
+                extra = (f", cache hits {cache.hits} misses {cache.misses}, {cache.nbytes / 2**20:.1f} MiB"
+                         if cache else "")
                 print(f"fine-tune {mode}: {seconds:.1f} s, last-epoch loss {loss:.4f}{extra}", flush=True)
         results = {mode: statistics.median(values) for mode, values in samples.items()}
         print()

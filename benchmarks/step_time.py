@@ -11,7 +11,8 @@ For each model and frozen fraction this times, interleaved in one run:
 It prints (a)/(b) (target <= 1.03), (c)/(a) (the speedup freezing gives) and the
 speedup the performance model predicts, 3 / (3 - 2 f) with f the frozen prefix's
 share of forward FLOPs (DESIGN.md section 4). Then, per fraction, the memory one
-training step holds under the library against no freezing.
+training step holds under the library against no freezing (tensor bytes counted
+exactly; with ``--rss`` also the peak RSS growth of two steps in a fresh process).
 
 The frozen prefix always ends at a block boundary (stem, residual block, encoder
 layer), the only place where the hand-written limit can put its ``no_grad``; the
@@ -22,6 +23,7 @@ Usage::
 
     python benchmarks/step_time.py                       # every model, 7 rounds
     python benchmarks/step_time.py --models resnet56 --resnet-batch 32 --repeats 9
+    python benchmarks/step_time.py --memory-only --rss   # memory, with peak RSS per depth (Linux)
 """
 
 from __future__ import annotations
@@ -217,7 +219,47 @@ def _hand_written(case: Case, prefix_names: set[str], boundary_name: Optional[st
     return step, lambda: _nodes(model, x, y, boundary)
 
 
-def run_case(case: Case, repeats: int, clock: str) -> tuple[list[list[Any]], list[list[Any]]]:
+def _rss_child(argv: Sequence[str]) -> None:
+    """In a fresh process: peak RSS growth (KiB) over two training steps at one depth.
+
+    Linux: the peak (VmHWM) is reset through /proc/self/clear_refs just before the
+    steps, so earlier peaks (imports, model building) do not hide theirs.
+    """
+    name, depth, unit, batch = argv[0], int(argv[1]), argv[2], int(argv[3])
+    torch.manual_seed(0)
+    case = _builders(batch, batch)[name]()
+    model, x, y = case.model.train(), case.batch, case.targets
+    optimizer = case.optimizer(list(model.parameters()))
+    lf.LayerFreezing(unit=unit).attach(model, optimizer, total_steps=10**9).set_depth(depth)
+    before = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset the peak resident set size to the current one
+    for _ in range(2):
+        _step(model, optimizer, x, y)
+    print(_proc_status_kib("VmHWM") - before)
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (the --rss option needs Linux)")
+
+
+def rss_growth(name: str, depth: int, unit: str, batch: int) -> int:
+    """Peak RSS growth in KiB of two steps at ``depth``, measured in a subprocess."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, __file__, "--rss-child", name, str(depth), unit, str(batch)],
+        capture_output=True, text=True, timeout=600, check=True,
+    )
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def run_case(case: Case, repeats: int, clock: str, rss_batch: Optional[int] = None
+             ) -> tuple[list[list[Any]], list[list[Any]]]:
     case.model.train()
     unit_layers = {unit: lf.definition_order(case.model, unit) for unit in case.units}
     main_unit = case.units[0]
@@ -226,39 +268,41 @@ def run_case(case: Case, repeats: int, clock: str) -> tuple[list[list[Any]], lis
     x, y = case.batch, case.targets
     speed_rows, memory_rows = [], []
     baseline_memory: Optional[int] = None
+    baseline_rss: Optional[int] = None
     for target, cut, depth in chosen:
-        variants: dict[str, Callable[[], None]] = {}
-        libs = {}
-        for unit in case.units:
-            unit_depth = depth_for_cut(unit_layers[unit], case.stages, cut)
-            libs[unit] = _library(case, unit_depth, unit)
-            model_a, opt_a, freezing = libs[unit]
-            variants[f"a_{unit}"] = (lambda m=model_a, o=opt_a, f=freezing: (_step(m, o, x, y), f.step()))
-        prefix_ids = {id(p) for _, members in case.stages[:cut] for member in members for p in member.parameters()}
-        prefix_names = {n for n, p in case.model.named_parameters() if id(p) in prefix_ids}
-        boundary_name = _name_of(case.model, case.stages[cut - 1][0]) if cut else None
-        variants["b"], nodes_b = _hand_written(case, prefix_names, boundary_name, set_requires_grad=False)
-        if case.frozen_limit:
-            variants["b2"], _ = _hand_written(case, prefix_names, boundary_name, set_requires_grad=True)
-        # Structural check, free of timing noise: autograd nodes backward visits.
-        nodes = {unit: _nodes(libs[unit][0], x, y) for unit in case.units}
-        nodes["b"] = nodes_b()
-        model_c = copy.deepcopy(case.model)
-        opt_c = case.optimizer(list(model_c.parameters()))
-        variants["c"] = lambda: _step(model_c, opt_c, x, y)
-        medians = interleaved_medians(variants, repeats=repeats, warmup=1, clock=clock)
-        a = medians[f"a_{main_unit}"]
-        f = shares[cut]
-        row = [case.name, f"{target:.2f}", f"{depth}/{len(unit_layers[main_unit])}", f"{f:.3f}",
-               f"{a * 1e3:.1f}", f"{medians['b'] * 1e3:.1f}", f"{medians['c'] * 1e3:.1f}",
-               f"{a / medians['b']:.3f}", f"{medians['c'] / a:.3f}", f"{3 / (3 - 2 * f):.3f}",
-               f"{nodes[main_unit]}/{nodes['b']}"]
-        row.append(f"{a / medians['b2']:.3f}" if "b2" in medians else "")
-        leaf = "a_leaf" in medians and main_unit != "leaf"
-        row.append(f"{medians['a_leaf'] / medians['b']:.3f}" if leaf else "")
-        row.append(f"{nodes['leaf']}" if leaf else "")
-        speed_rows.append(row)
-        print(" | ".join(row), flush=True)
+        if repeats > 0:
+            variants: dict[str, Callable[[], None]] = {}
+            libs = {}
+            for unit in case.units:
+                unit_depth = depth_for_cut(unit_layers[unit], case.stages, cut)
+                libs[unit] = _library(case, unit_depth, unit)
+                model_a, opt_a, freezing = libs[unit]
+                variants[f"a_{unit}"] = (lambda m=model_a, o=opt_a, f=freezing: (_step(m, o, x, y), f.step()))
+            prefix_ids = {id(p) for _, members in case.stages[:cut] for member in members for p in member.parameters()}
+            prefix_names = {n for n, p in case.model.named_parameters() if id(p) in prefix_ids}
+            boundary_name = _name_of(case.model, case.stages[cut - 1][0]) if cut else None
+            variants["b"], nodes_b = _hand_written(case, prefix_names, boundary_name, set_requires_grad=False)
+            if case.frozen_limit:
+                variants["b2"], _ = _hand_written(case, prefix_names, boundary_name, set_requires_grad=True)
+            # Structural check, free of timing noise: autograd nodes backward visits.
+            nodes = {unit: _nodes(libs[unit][0], x, y) for unit in case.units}
+            nodes["b"] = nodes_b()
+            model_c = copy.deepcopy(case.model)
+            opt_c = case.optimizer(list(model_c.parameters()))
+            variants["c"] = lambda: _step(model_c, opt_c, x, y)
+            medians = interleaved_medians(variants, repeats=repeats, warmup=1, clock=clock)
+            a = medians[f"a_{main_unit}"]
+            f = shares[cut]
+            row = [case.name, f"{target:.2f}", f"{depth}/{len(unit_layers[main_unit])}", f"{f:.3f}",
+                   f"{a * 1e3:.1f}", f"{medians['b'] * 1e3:.1f}", f"{medians['c'] * 1e3:.1f}",
+                   f"{a / medians['b']:.3f}", f"{medians['c'] / a:.3f}", f"{3 / (3 - 2 * f):.3f}",
+                   f"{nodes[main_unit]}/{nodes['b']}"]
+            row.append(f"{a / medians['b2']:.3f}" if "b2" in medians else "")
+            leaf = "a_leaf" in medians and main_unit != "leaf"
+            row.append(f"{medians['a_leaf'] / medians['b']:.3f}" if leaf else "")
+            row.append(f"{nodes['leaf']}" if leaf else "")
+            speed_rows.append(row)
+            print(" | ".join(row), flush=True)
 
         # Memory one step holds under the library: saved activations + grads + optimizer state.
         model_m, opt_m, _ = _library(case, depth, main_unit)
@@ -272,7 +316,11 @@ def run_case(case: Case, repeats: int, clock: str) -> tuple[list[list[Any]], lis
         memory_rows.append([case.name, f"{target:.2f}", f"{activations / 2**20:.1f}", f"{grads / 2**20:.2f}",
                             f"{states / 2**20:.2f}", f"{total / 2**20:.1f}",
                             f"{total / baseline_memory:.3f}" if baseline_memory else ""])
-        del libs, variants, model_c, model_m
+        if rss_batch is not None:
+            rss = rss_growth(case.name, depth, main_unit, rss_batch)
+            baseline_rss = rss if baseline_rss is None else baseline_rss
+            memory_rows[-1] += [f"{rss / 1024:.1f}", f"{rss / baseline_rss:.3f}" if baseline_rss else ""]
+        del model_m
     return speed_rows, memory_rows
 
 
@@ -283,7 +331,21 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
     raise KeyError("module not in model")
 
 
+def _builders(resnet_batch: int, transformer_batch: int) -> dict[str, Callable[[], Optional[Case]]]:
+    return {
+        "resnet56": lambda: resnet_case(resnet_batch),
+        "transformer": lambda: transformer_case(transformer_batch),
+        "minilm": lambda: minilm_case(transformer_batch),
+    }
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--rss-child"]:
+        set_threads(1)
+        logging.getLogger("layerfreeze").setLevel(logging.ERROR)
+        _rss_child(argv[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet56", "transformer", "minilm"],
                         choices=["resnet56", "transformer", "minilm"])
@@ -293,38 +355,42 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--transformer-batch", type=int, default=4)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                         help="cpu: process CPU time (robust on a shared machine); wall: elapsed time")
+    parser.add_argument("--memory-only", action="store_true", help="skip the timing, report memory only")
+    parser.add_argument("--rss", action="store_true",
+                        help="also measure peak RSS growth of two steps per depth, each in a fresh process")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     logging.getLogger("layerfreeze").setLevel(logging.ERROR)  # the BatchNorm hint, once per depth
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} interleaved rounds, "
-          f"medians of {args.clock} time")
-    builders = {
-        "resnet56": lambda: resnet_case(args.resnet_batch),
-        "transformer": lambda: transformer_case(args.transformer_batch),
-        "minilm": lambda: minilm_case(args.transformer_batch),
-    }
+    timing = "memory only" if args.memory_only else f"{args.repeats} interleaved rounds, medians of {args.clock} time"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {timing}")
+    builders = _builders(args.resnet_batch, args.transformer_batch)
     speed, memory, notes = [], [], []
     for name in args.models:
         case = builders[name]()
         if case is None:
             continue
         notes.append(f"{case.name}: {case.note}; layers counted as unit={case.units[0]!r}")
-        rows = run_case(case, args.repeats, args.clock)
+        batch = args.resnet_batch if name == "resnet56" else args.transformer_batch
+        rows = run_case(case, 0 if args.memory_only else args.repeats, args.clock, batch if args.rss else None)
         speed += rows[0]
         memory += rows[1]
     print()
     print("\n".join(notes))
     print()
-    print(table(["model", "target", "depth", "f (FLOPs)", "(a) ms", "(b) ms", "(c) ms", "(a)/(b)",
-                 "(c)/(a)", "model 3/(3-2f)", "backward nodes (a)/(b)", "(a)/(b')",
-                 "unit=leaf (a)/(b)", "unit=leaf nodes"], speed))
-    print()
+    if speed:
+        print(table(["model", "target", "depth", "f (FLOPs)", "(a) ms", "(b) ms", "(c) ms", "(a)/(b)",
+                     "(c)/(a)", "model 3/(3-2f)", "backward nodes (a)/(b)", "(a)/(b')",
+                     "unit=leaf (a)/(b)", "unit=leaf nodes"], speed))
+        print()
     print("Memory of one training step under the library (MiB): autograd-saved activations, "
-          "gradients, optimizer state")
-    print(table(["model", "target", "activations", "grads", "optimizer", "total", "vs none"], memory))
-    worst = max(float(row[7]) for row in speed) if speed else float("nan")
+          "gradients, optimizer state" + ("; peak RSS growth of two steps in a fresh process" if args.rss else ""))
+    print(table(["model", "target", "activations", "grads", "optimizer", "total", "vs none"]
+                + (["RSS growth", "vs none"] if args.rss else []), memory))
+    if not speed:
+        return
+    worst = max(float(row[7]) for row in speed)
     same = all(row[10].split("/")[0] == row[10].split("/")[1] for row in speed)
     print(f"\nworst (a)/(b) = {worst:.3f} (target <= 1.03); backward nodes of (a) and (b) equal at "
           f"every depth: {same}")
