@@ -7,10 +7,11 @@ Example:
     >>> freezing = lf.LayerFreezing(freeze_start=0.5).attach(net, opt, total_steps=10, steps_per_epoch=5)
 """
 
-from . import policies
+from . import cache, policies
 from .algorithm import LAYERS_FROZEN, PARAMS_FROZEN, PERCENTAGE_FROZEN, LayerFreezing
 from .freezer import Freezer, freeze_parameters
 from .functional import freeze_layers
+from .cache import PrefixCache
 from .layers import Layer, definition_order, execution_order, layer_flops
 
 __version__ = "0.1.0"
@@ -19,6 +20,8 @@ __all__ = [
     "freeze_layers",
     "LayerFreezing",
     "policies",
+    "cache",
+    "PrefixCache",
     "Freezer",
     "freeze_parameters",
     "Layer",
