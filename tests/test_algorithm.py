@@ -278,3 +278,47 @@ def test_checkpoint_before_the_execution_trace_keeps_tracing_after_resume():
     train_step(fresh, [fresh_opt], batch_for(fresh))
     resumed.step()
     assert [layer.name for layer in resumed.layers] == ["c", "a", "b"]
+
+
+def test_bad_example_inputs_name_the_argument_and_leave_no_flop_counter_behind():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    freezing = lf.LayerFreezing(measure="flops")
+    with pytest.raises(ValueError, match="example_inputs could not be run through the model"):
+        freezing.attach(model, opt, 10, example_inputs=torch.randn(2, 7))
+    assert _get_current_dispatch_mode_stack() == []
+    assert all(p.requires_grad for p in model.parameters())
+    freezing.attach(model, opt, 10, example_inputs=torch.randn(2, 6))  # a corrected call works
+
+
+def test_attach_after_detach_starts_a_fresh_run():
+    freezing = lf.LayerFreezing(freeze_start=0.5, interval="step")
+    for _ in range(2):
+        model = mlp(depth=4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        freezing.attach(model, opt, total_steps=4)
+        assert freezing.frozen_depth == 0
+        assert run(freezing, model, opt, 4) == [0, 0, 1, 3]
+        freezing.detach()
+
+
+def test_a_policy_serves_one_layerfreezing_at_a_time():
+    policy = lf.policies.Linear(0.0)
+    first, second = lf.LayerFreezing(policy=policy), lf.LayerFreezing(policy=policy)
+    a, b = mlp(), mlp()
+    first.attach(a, torch.optim.SGD(a.parameters(), lr=0.1), 4)
+    with pytest.raises(ValueError, match="policy Linear is attached through another LayerFreezing"):
+        second.attach(b, torch.optim.SGD(b.parameters(), lr=0.1), 4)
+    assert all(p.requires_grad for p in b.parameters())
+    first.detach()
+    second.attach(b, torch.optim.SGD(b.parameters(), lr=0.1), 4)
+
+
+def test_set_depth_accepts_numpy_integers():
+    np = pytest.importorskip("numpy")
+    model = mlp(depth=4)
+    freezing = lf.LayerFreezing().attach(model, torch.optim.SGD(model.parameters(), lr=0.1), 4)
+    freezing.set_depth(np.int64(2))
+    assert freezing.frozen_depth == 2 and type(freezing.state_dict()["depth"]) is int

@@ -122,3 +122,64 @@ def test_pending_state_for_wrong_model_fails_attach_cleanly():
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(RuntimeError, match="before attach"):
         freezing.step()
+
+
+def _state_of(steps=6, **kwargs):
+    return trained({"freeze_start": 0.0, **kwargs}, steps=steps)[2].state_dict()
+
+
+def _fresh(**kwargs):
+    model = ConvBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return model, opt, lf.LayerFreezing(freeze_start=0.0, **kwargs).attach(model, opt, 8, steps_per_epoch=2)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(depth=1), r"state_dict is inconsistent: depth 1 freezes 2 parameter\(s\)"),
+    (lambda s: s.update(layers=s["layers"][::-1]), "another order than this model's definition order"),
+    (lambda s: s.update(fraction=float("nan")), r"state_dict\['fraction'\] must be a finite number"),
+    (lambda s: s.update(fraction="x"), r"state_dict\['fraction'\] must be a finite number"),
+    (lambda s: s.update(frozen=None), r"state_dict\['frozen'\] must be a list of names"),
+    (lambda s: s.update(frozen="features.0.weight"), r"state_dict\['frozen'\] must be a list of names"),
+    (lambda s: s.update(layers=None), r"state_dict\['layers'\] must be a list of names"),
+    (lambda s: s.update(policy=None), r"state_dict\['policy'\] must be a dict"),
+    (lambda s: s["config"].update(unit="owner"), "saved with unit='owner' but this LayerFreezing has unit='leaf'"),
+    (lambda s: s["config"].update(shared="trainable"), "saved with shared='trainable'"),
+])
+def test_inconsistent_state_is_refused_and_changes_nothing(edit, message):
+    state = copy.deepcopy(_state_of())
+    edit(state)
+    model, opt, freezing = _fresh()
+    freezing.set_depth(1)
+    before = freezing.state_dict()
+    with pytest.raises(ValueError, match=message):
+        freezing.load_state_dict(state)
+    assert freezing.state_dict() == before
+    assert len(opt.param_groups[0]["params"]) == 8
+
+
+def test_other_settings_in_checkpoint_warn(caplog):
+    state = _state_of(interval="epoch", batchnorm="eval")
+    _, _, freezing = _fresh(interval="step")
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        freezing.load_state_dict(state)
+    assert "interval='epoch' (now 'step')" in caplog.text and "batchnorm='eval' (now 'train')" in caplog.text
+
+
+def test_numpy_counters_in_state_are_accepted():
+    np = pytest.importorskip("numpy")
+    state = _state_of()
+    state["step"], state["depth"] = np.int64(state["step"]), np.int64(state["depth"])
+    _, _, freezing = _fresh()
+    freezing.load_state_dict(state)
+    assert freezing.state_dict()["step"] == 6 and type(freezing.state_dict()["step"]) is int
+
+
+def test_optimizer_loaded_before_freezing_state_gets_a_hint():
+    model, opt, source = trained({"freeze_start": 0.0})
+    ckpt = {"opt": opt.state_dict(), "freezing": source.state_dict()}
+    _, fresh_opt, freezing = _fresh()
+    with pytest.raises(ValueError, match=r"HINT: call freezing.load_state_dict\(...\) BEFORE optimizer"):
+        fresh_opt.load_state_dict(ckpt["opt"])
+    freezing.load_state_dict(ckpt["freezing"])
+    fresh_opt.load_state_dict(ckpt["opt"])  # the right order works

@@ -8,6 +8,7 @@ events into :meth:`step` and :meth:`epoch_end` calls.
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -20,6 +21,7 @@ from .freezer import (
     SHARED_RULES,
     Freezer,
     check_choice,
+    names_for_depth,
     summarize,
     validate_model,
     validate_optimizers,
@@ -57,6 +59,21 @@ def _as_runner(example_inputs: Any) -> Callable[[nn.Module], Any]:
     if isinstance(example_inputs, Mapping):
         return lambda m: m(**example_inputs)
     return lambda m: m(example_inputs)
+
+
+def _check_group_sizes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    # Registered on each attached optimizer: turn torch's bare "doesn't match the
+    # size of optimizer's group" into the cause and the fix (Lightning #6891).
+    saved = state_dict.get("param_groups", [])
+    if len(saved) != len(optimizer.param_groups):
+        return  # torch's own error says it
+    for index, (group, saved_group) in enumerate(zip(optimizer.param_groups, saved)):
+        if len(group["params"]) != len(saved_group.get("params", ())):
+            raise ValueError(
+                f"optimizer state_dict has {len(saved_group['params'])} parameter(s) in group {index}, but the "
+                f"optimizer's group holds {len(group['params'])} now: the frozen set differs from the "
+                "checkpoint's. HINT: call freezing.load_state_dict(...) BEFORE optimizer.load_state_dict(...)"
+            )
 
 
 class LayerFreezing:
@@ -183,6 +200,11 @@ class LayerFreezing:
         steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch, optional=True)
         if self.policy.needs_costs and example_inputs is None:
             raise ValueError("example_inputs is required with measure='flops' (the policy counts layer FLOPs)")
+        if getattr(self.policy, "_layerfreeze_bound_to", None) not in (None, id(self)):
+            raise ValueError(
+                f"policy {type(self.policy).__name__} is attached through another LayerFreezing; "
+                "give each LayerFreezing its own policy object"
+            )
 
         layers = definition_order(inner, self.unit)
         if len(layers) < 2:
@@ -192,19 +214,35 @@ class LayerFreezing:
             )
         run = _as_runner(example_inputs) if example_inputs is not None else None
         pending_traced = self._pending_state is not None and self._pending_state.get("traced", True)
-        if self.order == "execution" and not pending_traced:
-            if run is not None:
+        costs = None
+        try:
+            if self.order == "execution" and not pending_traced and run is not None:
                 layers = execution_order(inner, run, self.unit)
-            else:
-                self._tracer = ExecutionTracer(inner, layers)
-        costs = layer_flops(inner, layers, run) if run is not None else None
+            if run is not None and self.policy.needs_costs:
+                costs = layer_flops(inner, layers, run)
+        except Exception as error:
+            raise ValueError(
+                f"example_inputs could not be run through the model ({type(error).__name__}: {error}); "
+                "pass a batch the model accepts: a tensor, a tuple of positional args or a dict of kwargs"
+            ) from error
+        if self.order == "execution" and not pending_traced and run is None:
+            self._tracer = ExecutionTracer(inner, layers)
 
+        # attach starts a fresh run; a checkpoint continues one (load_state_dict).
+        self._step = self._epoch = self._changes = 0
+        self._fraction = 0.0
+        self._clipped_warned = self._epoch_warned = self._bn_hinted = False
         self._wrapper = model
         self._freezer = Freezer(inner, optimizer_list, layers, batchnorm=self.batchnorm, shared=self.shared)
         self._context = Context(inner, optimizer_list, layers, costs, total_steps, self._resolve_layers)
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self.policy.bind(self._context)
+        self.policy._layerfreeze_bound_to = id(self)
+        self._load_hooks = [
+            opt.register_load_state_dict_pre_hook(_check_group_sizes)
+            for opt in optimizer_list if hasattr(opt, "register_load_state_dict_pre_hook")
+        ]
         # Reentrant activation checkpointing after frozen layers (checkpointing.py, issue 6 item 7).
         self._bridge = checkpointing.GradientBridge(inner, layers)
         self._attached = True
@@ -228,6 +266,10 @@ class LayerFreezing:
             self._bridge.remove()
             distributed.on_trainable_change(self._wrapper)
         self.policy.release()
+        self.policy._layerfreeze_bound_to = None
+        for handle in getattr(self, "_load_hooks", []):
+            handle.remove()
+        self._load_hooks = []
         self._freezer = None
         self._attached = False
 
@@ -263,9 +305,9 @@ class LayerFreezing:
         self._require_attached("set_depth")
         self._resolve_layers()
         count = len(self._freezer.layers)
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= max(count - 1, 0):
+        if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or not 0 <= depth <= max(count - 1, 0):
             raise ValueError(f"depth must be an int in [0, {max(count - 1, 0)}], got {depth!r}")
-        self._apply(depth)
+        self._apply(int(depth))
 
     # -- state -------------------------------------------------------------
     @property
@@ -340,13 +382,28 @@ class LayerFreezing:
         if not self._attached:
             self._pending_state = dict(state)
             return
-        by_name = {layer.name: layer for layer in definition_order(self._freezer.model, self.unit)}
+        config = state.get("config") or {}
+        for key in ("unit", "shared"):
+            saved = config.get(key)
+            if saved is not None and saved != getattr(self, key):
+                raise ValueError(
+                    f"state_dict was saved with {key}={saved!r} but this LayerFreezing has "
+                    f"{key}={getattr(self, key)!r}; construct it with the checkpoint's settings"
+                )
+        definition = definition_order(self._freezer.model, self.unit)
+        by_name = {layer.name: layer for layer in definition}
         missing = [name for name in state["layers"] if name not in by_name]
         extra = sorted(set(by_name) - set(state["layers"]))
         if missing or extra or len(state["layers"]) != len(by_name):
             detail = f"it names layer {missing[0]!r}, which this model lacks" if missing else (
                 f"this model has layer(s) it does not name: {summarize(extra)}")
             raise ValueError(f"state_dict does not match this model: {detail}")
+        if self.order == "definition" and list(state["layers"]) != [layer.name for layer in definition]:
+            raise ValueError(
+                "state_dict lists the layers in another order than this model's definition order "
+                f"(saved with order={config.get('order', '?')!r}?); construct LayerFreezing with the "
+                "checkpoint's order"
+            )
         unknown = sorted(set(state["frozen"]) - set(dict(self._freezer.model.named_parameters())))
         if unknown:
             raise ValueError(
@@ -356,7 +413,25 @@ class LayerFreezing:
         depth = state["depth"]
         if not 0 <= depth <= max(len(by_name) - 1, 0):
             raise ValueError(f"state_dict does not match this model: depth {depth} with {len(by_name)} layers")
-        saved_total = state.get("config", {}).get("total_steps")
+        layers = [by_name[name] for name in state["layers"]]
+        expected = names_for_depth(layers, depth, self.shared)
+        if set(state["frozen"]) != expected:
+            raise ValueError(
+                f"state_dict is inconsistent: depth {depth} freezes {len(expected)} parameter(s) of "
+                f"these layers, but it lists {len(set(state['frozen']))} ({summarize(sorted(set(state['frozen']) ^ expected))} differ)"
+            )
+        differing = [
+            f"{key}={config[key]!r} (now {value!r})"
+            for key, value in (("interval", self.interval), ("order", self.order), ("batchnorm", self.batchnorm),
+                               *self.policy.describe().items())
+            if key in config and config[key] != value
+        ]
+        if differing:
+            log.warning(
+                "layerfreeze: resuming with other settings than the checkpoint's: %s; the run "
+                "continues with the new ones", ", ".join(differing),
+            )
+        saved_total = config.get("total_steps")
         if saved_total is not None and saved_total != self.total_steps:
             log.warning(
                 "layerfreeze: resuming with total_steps=%d, but the checkpoint was made with %d; "
@@ -366,13 +441,12 @@ class LayerFreezing:
         if self._tracer is not None and state.get("traced", True):
             self._tracer.remove()
             self._tracer = None
-        layers = [by_name[name] for name in state["layers"]]
         self._freezer.layers = layers
         self._context.layers = layers
         self._freezer.apply_names(set(state["frozen"]), depth)
         self._bridge.update(layers[:depth])
-        self._step, self._epoch = state["step"], state["epoch"]
-        self._fraction, self._changes = state["fraction"], state["changes"]
+        self._step, self._epoch = int(state["step"]), int(state["epoch"])
+        self._fraction, self._changes = float(state["fraction"]), int(state["changes"])
         distributed.on_trainable_change(self._wrapper)
 
     # -- internals ---------------------------------------------------------
@@ -390,8 +464,18 @@ class LayerFreezing:
         if state["format"] != _STATE_FORMAT:
             raise ValueError(f"state_dict format {state['format']!r} is not supported (expected {_STATE_FORMAT})")
         for key in ("step", "epoch", "depth", "changes"):
-            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
-                raise ValueError(f"state_dict[{key!r}] must be a non-negative int, got {state[key]!r}")
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"state_dict[{key!r}] must be a non-negative int, got {value!r}")
+        fraction = state["fraction"]
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not math.isfinite(fraction):
+            raise ValueError(f"state_dict['fraction'] must be a finite number, got {fraction!r}")
+        for key in ("layers", "frozen"):
+            value = state[key]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) for name in value):
+                raise ValueError(f"state_dict[{key!r}] must be a list of names, got {value!r:.80}")
+        if not isinstance(state["policy"], Mapping):
+            raise ValueError(f"state_dict['policy'] must be a dict, got {type(state['policy']).__name__}")
         return state
 
     def _require_attached(self, what: str) -> None:

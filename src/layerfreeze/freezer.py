@@ -19,12 +19,20 @@ from torch import nn
 
 from .layers import Layer, iter_unique, parameter_names, unwrap_model
 
-__all__ = ["Freezer", "freeze_parameters", "BATCHNORM_MODES", "SHARED_RULES"]
+__all__ = ["Freezer", "freeze_parameters", "names_for_depth", "BATCHNORM_MODES", "SHARED_RULES"]
 
 log = logging.getLogger("layerfreeze")
 
 BATCHNORM_MODES = ("train", "eval")
 SHARED_RULES = ("freeze", "trainable")
+
+
+def names_for_depth(layers: Sequence[Layer], depth: int, shared: str = "freeze") -> set[str]:
+    """Parameter names frozen when the first ``depth`` of ``layers`` are frozen, under the ``shared`` rule."""
+    frozen = {n for layer in layers[:depth] for n in layer.param_names}
+    if shared == "trainable":
+        frozen -= {n for layer in layers[depth:] for n in layer.param_names}
+    return frozen
 
 
 def freeze_parameters(params: Iterable[nn.Parameter], optimizers: Sequence[torch.optim.Optimizer]) -> None:
@@ -106,10 +114,7 @@ class Freezer:
 
     def names_for_depth(self, depth: int) -> set[str]:
         """Parameter names frozen when the first ``depth`` layers are frozen."""
-        frozen = {n for layer in self.layers[:depth] for n in layer.param_names}
-        if self.shared == "trainable":
-            frozen -= {n for layer in self.layers[depth:] for n in layer.param_names}
-        return frozen
+        return names_for_depth(self.layers, depth, self.shared)
 
     # -- changes -----------------------------------------------------------
     def apply(self, depth: int) -> bool:

@@ -250,6 +250,10 @@ def layer_flops(model: nn.Module, layers: Sequence[Layer], run: Callable[[nn.Mod
         with torch.no_grad():
             run(model)
     finally:
+        # A forward that raised inside a layer never reached its post-hook: leave
+        # no counter mode active, or every later op in the process pays for it.
+        while stack:
+            stack.pop()[1].__exit__(None, None, None)
         for handle in handles:
             handle.remove()
         with torch.no_grad():
