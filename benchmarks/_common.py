@@ -1,6 +1,6 @@
 """Helpers shared by the benchmark scripts in this folder.
 
-Timing rule of the project (DESIGN.md section 4): every speed figure is a ratio of
+Timing rule of the project (the performance model of docs/performance.md): every speed figure is a ratio of
 medians measured side by side in one run, with the variants interleaved so that
 noise from other processes hits them alike.
 """

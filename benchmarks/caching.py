@@ -2,7 +2,7 @@
 
 Part 1, the limit: with the cache warm, a training step through ``PrefixCache``
 is timed against the suffix alone trained on precomputed prefix outputs (the
-hand-written limit of caching, DESIGN.md section 4); target ratio <= 1.10. The
+hand-written limit of caching, the performance model of docs/performance.md); target ratio <= 1.10. The
 same table shows freezing without the cache and no freezing, with the speedups
 the performance model predicts: 3/(3-2f) without the cache, 1/(1-f) with it.
 

@@ -10,7 +10,7 @@ For each model and frozen fraction this times, interleaved in one run:
 
 It prints (a)/(b) (target <= 1.03), (c)/(a) (the speedup freezing gives) and the
 speedup the performance model predicts, 3 / (3 - 2 f) with f the frozen prefix's
-share of forward FLOPs (DESIGN.md section 4). Then, per fraction, the memory one
+share of forward FLOPs (the performance model of docs/performance.md). Then, per fraction, the memory one
 training step holds under the library against no freezing (tensor bytes counted
 exactly; with ``--rss`` also the peak RSS growth of two steps in a fresh process).
 

@@ -3,7 +3,7 @@
     python _resume_worker.py CONFIG OUT_DIR full K1,K2,...   # uninterrupted; checkpoints at each K
     python _resume_worker.py CONFIG OUT_DIR resume K          # new process: resume from checkpoint K
 
-Uses only the public API of DESIGN.md: attach, step, state_dict, load_state_dict.
+Uses only the public API: attach, step, state_dict, load_state_dict.
 """
 
 import json

@@ -186,7 +186,7 @@ def _tiny_data():
 
 
 def test_predicted_speedup_formula():
-    # DESIGN.md section 4: a step costs 1 + 2(1 - f) forward passes.
+    # the performance model of docs/performance.md: a step costs 1 + 2(1 - f) forward passes.
     assert predicted_speedup([0, 0], [0.0, 0.5]) == 1.0
     assert predicted_speedup([1, 1], [0.0, 0.5]) == pytest.approx(1.5)  # 3 / (3 - 2 * 0.5)
     assert predicted_speedup([0, 1], [0.0, 0.5]) == pytest.approx(6 / 5)
@@ -289,7 +289,7 @@ def test_plan_follows_the_linear_schedule(interval):
         first = next((s for s in range(steps) if expected[s] > row.index), None)
         assert row.freeze_step == (first if first is not None else steps)  # frozen after step `first`
     assert plan.rows[-1].freeze_step is None
-    # Predicted saving per DESIGN.md section 4, from the FLOP shares.
+    # Predicted saving per the performance model of docs/performance.md, from the FLOP shares.
     shares = [sum(r.flops_share for r in plan.rows[:d]) for d in range(count + 1)]
     cost = sum(1 + 2 * (1 - shares[d]) for d in expected)
     assert plan.saving == pytest.approx(1 - cost / (3 * steps))

@@ -70,5 +70,5 @@ def test_lightning_ddp_with_layerfreezing_on_the_wrapped_model(runs):
 
 def test_lightning_ddp_with_the_lightning_callback(runs):
     pytest.importorskip("layerfreeze.integrations.lightning",
-                        reason="LayerFreezingCallback (issue 'Trainer integrations') not there yet")
+                        reason="LayerFreezingCallback is not importable")
     _check(*_load(runs, "callback"))

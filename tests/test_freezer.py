@@ -176,3 +176,23 @@ def test_freeze_parameters_is_idempotent():
     freeze_parameters(list(model[0].parameters()), [opt])
     freeze_parameters(list(model[0].parameters()), [opt])
     assert len(opt.param_groups[0]["params"]) == 4
+
+
+def test_last_layer_tied_to_a_frozen_embedding_stays_trainable(caplog):
+    class TiedHead(nn.Module):  # GPT-style: the head's only weight is the embedding's
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(7, 4)
+            self.block = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.wte.weight
+
+    model = TiedHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = Freezer(model, [opt], definition_order(model))
+    freezer.apply(1)
+    assert not model.wte.weight.requires_grad  # Composer's rule while something else trains
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        freezer.apply(2)
+    assert model.wte.weight.requires_grad and freezer.frozen_names == {"block.weight", "block.bias"}
+    assert "shares all its parameters with frozen layers" in caplog.text

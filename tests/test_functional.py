@@ -116,3 +116,20 @@ def test_model_without_parameters_is_refused():
     opt = torch.optim.SGD(ConvBN().parameters(), lr=0.1)
     with pytest.raises(ValueError, match="model must have at least one parameter; Sequential has none"):
         lf.freeze_layers(nn.Sequential(nn.ReLU()), opt, 1.0)
+
+
+def test_numpy_float32_knobs_compute_as_composer_does():
+    np = pytest.importorskip("numpy")
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(11)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    depth, fraction = lf.freeze_layers(model, opt, 0.8, np.float32(0.3), np.float32(0.7))
+    reference_fraction = np.float32(0.7) * ((0.8 - np.float32(0.3)) / (1.0 - np.float32(0.3)))
+    assert fraction == reference_fraction and depth == int(reference_fraction * 10) == 5
+
+
+def test_lazy_modules_freeze_like_composer():
+    model = nn.Sequential(nn.Linear(3, 3), nn.LazyLinear(3), nn.Linear(3, 3), nn.Linear(3, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert lf.freeze_layers(model, opt, 1.0) == (3, 1.0)
+    assert [p.requires_grad for p in model.parameters()] == [False] * 6 + [True] * 2
+    assert len(opt.param_groups[0]["params"]) == 2

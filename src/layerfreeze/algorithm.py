@@ -21,7 +21,6 @@ from .freezer import (
     SHARED_RULES,
     Freezer,
     check_choice,
-    names_for_depth,
     summarize,
     validate_model,
     validate_optimizers,
@@ -414,7 +413,7 @@ class LayerFreezing:
         if not 0 <= depth <= max(len(by_name) - 1, 0):
             raise ValueError(f"state_dict does not match this model: depth {depth} with {len(by_name)} layers")
         layers = [by_name[name] for name in state["layers"]]
-        expected = names_for_depth(layers, depth, self.shared)
+        expected = self._freezer.names_for_depth(depth, layers)
         if set(state["frozen"]) != expected:
             raise ValueError(
                 f"state_dict is inconsistent: depth {depth} freezes {len(expected)} parameter(s) of "

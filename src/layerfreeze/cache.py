@@ -5,7 +5,7 @@ example never changes, provided the example's input is fixed (no random
 augmentation, as in fine-tuning on tokenized text) and the prefix is
 deterministic. Caching that output per example (keyed by its dataset index)
 skips the prefix's forward pass too, so a step costs about ``1 - f`` of an
-unfrozen one instead of ``1 - 2f/3`` (DESIGN.md section 4). The idea is the one
+unfrozen one instead of ``1 - 2f/3`` (the performance model of docs/performance.md). The idea is the one
 behind FreezeOut's and AutoFreeze's caching of frozen activations (Brock et al.
 2017; Liu et al. 2021, "AutoFreeze", section 3.3).
 

@@ -27,11 +27,24 @@ BATCHNORM_MODES = ("train", "eval")
 SHARED_RULES = ("freeze", "trainable")
 
 
-def names_for_depth(layers: Sequence[Layer], depth: int, shared: str = "freeze") -> set[str]:
-    """Parameter names frozen when the first ``depth`` of ``layers`` are frozen, under the ``shared`` rule."""
+def names_for_depth(
+    layers: Sequence[Layer], depth: int, shared: str = "freeze", trainable: Optional[Iterable[str]] = None,
+) -> set[str]:
+    """Parameter names frozen when the first ``depth`` of ``layers`` are frozen, under the ``shared`` rule.
+
+    ``trainable`` names the parameters that were trainable at attach. Should the
+    frozen set cover all of them (a last layer whose only weight is tied to a
+    frozen embedding, as in GPT-style models), the last layer's parameters stay
+    trainable: with nothing left to train, the next backward would fail and DDP
+    could not keep a reducer. Composer freezes them too and leaves nothing.
+    """
     frozen = {n for layer in layers[:depth] for n in layer.param_names}
     if shared == "trainable":
         frozen -= {n for layer in layers[depth:] for n in layer.param_names}
+    if trainable is not None and depth and layers:
+        trainable = set(trainable)
+        if trainable and trainable <= frozen:
+            frozen -= set(layers[-1].param_names)
     return frozen
 
 
@@ -46,7 +59,9 @@ def freeze_parameters(params: Iterable[nn.Parameter], optimizers: Sequence[torch
         return
     ids = {id(p) for p in params}
     for p in params:
-        p.requires_grad_(False)
+        # Attribute assignment, as Composer does: requires_grad_() refuses the
+        # uninitialized parameters of lazy modules.
+        p.requires_grad = False
         p.grad = None
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -112,16 +127,27 @@ class Freezer:
         """Names of the parameters this freezer has frozen."""
         return frozenset(self._frozen)
 
-    def names_for_depth(self, depth: int) -> set[str]:
-        """Parameter names frozen when the first ``depth`` layers are frozen."""
-        return names_for_depth(self.layers, depth, self.shared)
+    def names_for_depth(self, depth: int, layers: Optional[Sequence[Layer]] = None) -> set[str]:
+        """Parameter names frozen when the first ``depth`` layers (default: this freezer's) are frozen."""
+        trainable = [n for n, flag in self._original_requires_grad.items() if flag]
+        return names_for_depth(self.layers if layers is None else layers, depth, self.shared, trainable)
 
     # -- changes -----------------------------------------------------------
     def apply(self, depth: int) -> bool:
         """Freeze exactly the first ``depth`` layers; returns whether anything changed."""
         if not 0 <= depth < max(len(self.layers), 1):
             raise ValueError(f"depth must be in [0, {max(len(self.layers) - 1, 0)}], got {depth}")
-        return self.apply_names(self.names_for_depth(depth), depth)
+        target = self.names_for_depth(depth)
+        if depth and self.layers and not getattr(self, "_kept_last_warned", False) and (
+            set(self.layers[-1].param_names) & (names_for_depth(self.layers, depth, self.shared) - target)
+        ):
+            self._kept_last_warned = True
+            log.warning(
+                "layerfreeze: the last layer (%s) shares all its parameters with frozen layers; they stay "
+                "trainable, since the last layer is never frozen and nothing else would be left to train",
+                self.layers[-1].name,
+            )
+        return self.apply_names(target, depth)
 
     def apply_names(self, target: set[str], depth: int) -> bool:
         """Make ``target`` the frozen parameter set (used by resume with saved names)."""
@@ -142,7 +168,7 @@ class Freezer:
     def _thaw(self, names: Sequence[str]) -> None:
         params = [self._by_name[n] for n in names]
         for name, p in zip(names, params):
-            p.requires_grad_(self._original_requires_grad[name])
+            p.requires_grad = self._original_requires_grad[name]
         ids = {id(p) for p in params}
         for opt, original_groups in zip(self.optimizers, self._original_groups):
             for group, original in zip(opt.param_groups, original_groups):

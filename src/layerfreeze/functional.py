@@ -57,11 +57,13 @@ def freeze_layers(
     """
     validate_model(model)
     optimizer_list = validate_optimizers(model, optimizers)
-    duration = check_fraction("current_duration", current_duration)
+    check_fraction("current_duration", current_duration)
     start, level = check_schedule(freeze_start, freeze_level)
 
     layers = definition_order(model)
-    fraction = linear_fraction(duration, start, level)
+    # The arithmetic runs on the values as given, as Composer's does: a float32
+    # freeze_level computes in float32, and that can move the depth by one.
+    fraction = linear_fraction(current_duration, freeze_start, freeze_level)
     depth = depth_for_fraction(fraction, len(layers))
     frozen = iter_unique(p for layer in layers[:depth] for p in layer.module.parameters())
     freeze_parameters(frozen, optimizer_list)

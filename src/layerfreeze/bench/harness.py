@@ -73,7 +73,7 @@ class RunRecord:
 
 
 def predicted_speedup(depth_per_step: Sequence[int], prefix_share: Sequence[float]) -> float:
-    """Run-average speedup from DESIGN.md section 4: a step with a frozen prefix holding
+    """Run-average speedup from the performance model of docs/performance.md: a step with a frozen prefix holding
     a share ``f`` of forward FLOPs costs ``1 + 2(1 - f)`` forward passes instead of 3.
 
     ``prefix_share[d]`` is the share frozen at depth ``d``.

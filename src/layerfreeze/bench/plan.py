@@ -61,7 +61,7 @@ class Plan:
         return sum(row.flops_share for row in self.rows[:depth])
 
     def step_costs(self) -> list[float]:
-        """Predicted cost of each step in forward passes: ``1 + 2(1 - f)`` (DESIGN.md section 4)."""
+        """Predicted cost of each step in forward passes: ``1 + 2(1 - f)`` (the performance model of docs/performance.md)."""
         shares = [self.prefix_share(d) for d in range(len(self.rows) + 1)]
         return [1.0 + 2.0 * (1.0 - shares[d]) for d in self.depth_per_step]
 

@@ -32,7 +32,7 @@ Results JSON (``bench.json``, format ``"layerfreeze-bench/1"``)::
          "frozen_layer_share_end": 0.58, "frozen_flops_share_end": 0.41,
          "params_frozen_end": 50,
          "depth_changes": [[1, 0], [37, 8], ...], # [first step run at a depth, depth]
-         "predicted_speedup": 1.12}               # DESIGN.md section 4, from the steps' depths
+         "predicted_speedup": 1.12}               # the performance model of docs/performance.md, from the steps' depths
       ],
       "summary": [                                # one per variant with runs
         {"variant": "composer", "runs": 3, "baseline": "none",

@@ -184,7 +184,7 @@ def build_model(ref: ModelRef, shape: tuple[int, ...], dtype: torch.dtype, num_c
         if len(shape) != 1 or floating:
             raise ValueError(
                 f"model 'transformer' takes token sequences (integer ids, shape (L,)); {source} gives "
-                f"{shape} {str(dtype).replace('torch.', '')}. HINT: use --data synthetic"
+                f"{shape} {str(dtype).replace('torch.', '')}. HINT: give it integer token ids (bench: --data synthetic; plan: --input-dtype long)"
             )
         return call_factory(ref, seq_len=shape[0], **classes)
     return call_factory(ref)  # a bundled model added later without a rule here: as is
