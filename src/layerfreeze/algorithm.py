@@ -27,6 +27,7 @@ from .freezer import (
 )
 from .layers import UNITS, ExecutionTracer, Layer, definition_order, execution_order, layer_flops
 from .policies import Context, Linear, Policy, Progress
+from .schedule import depth_for_fraction
 
 __all__ = ["LayerFreezing", "LAYERS_FROZEN", "PERCENTAGE_FROZEN", "PARAMS_FROZEN"]
 
@@ -157,11 +158,15 @@ class LayerFreezing:
         self._tracer: Optional[ExecutionTracer] = None
         self._freezer: Optional[Freezer] = None
         self._wrapper: Optional[nn.Module] = None
-        self._step = 0
-        self._epoch = 0
+        self._load_hooks: list[Any] = []
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        # Counters and one-time warnings of one run: attach starts a fresh run; a
+        # checkpoint continues one (load_state_dict).
+        self._step = self._epoch = self._changes = 0
         self._fraction = 0.0
-        self._changes = 0
-        self._clipped_warned = False
+        self._clipped_warned = self._epoch_warned = self._bn_hinted = False
 
     # -- lifecycle ---------------------------------------------------------
     def attach(
@@ -227,10 +232,7 @@ class LayerFreezing:
         if self.order == "execution" and not pending_traced and run is None:
             self._tracer = ExecutionTracer(inner, layers)
 
-        # attach starts a fresh run; a checkpoint continues one (load_state_dict).
-        self._step = self._epoch = self._changes = 0
-        self._fraction = 0.0
-        self._clipped_warned = self._epoch_warned = self._bn_hinted = False
+        self._reset_run()
         self._wrapper = model
         self._freezer = Freezer(inner, optimizer_list, layers, batchnorm=self.batchnorm, shared=self.shared)
         self._context = Context(inner, optimizer_list, layers, costs, total_steps, self._resolve_layers)
@@ -266,7 +268,7 @@ class LayerFreezing:
             distributed.on_trainable_change(self._wrapper)
         self.policy.release()
         self.policy._layerfreeze_bound_to = None
-        for handle in getattr(self, "_load_hooks", []):
+        for handle in self._load_hooks:
             handle.remove()
         self._load_hooks = []
         self._freezer = None
@@ -541,7 +543,7 @@ class LayerFreezing:
             self._hint_batchnorm()
 
     def _warn_no_epoch_end(self) -> None:
-        if getattr(self, "_epoch_warned", False):
+        if self._epoch_warned:
             return
         self._epoch_warned = True
         log.warning(
@@ -551,7 +553,7 @@ class LayerFreezing:
         )
 
     def _hint_batchnorm(self) -> None:
-        if self.batchnorm != "train" or getattr(self, "_bn_hinted", False):
+        if self.batchnorm != "train" or self._bn_hinted:
             return
         if any(isinstance(layer.module, nn.modules.batchnorm._NormBase) for layer in
                self._freezer.layers[: self._freezer.depth]):
@@ -566,8 +568,7 @@ class LayerFreezing:
         if not isinstance(self.policy, Linear) or self.policy.measure != "layers":
             return
         count = len(self._freezer.layers)
-        final = int(self.policy.freeze_level * max(count - 1, 0))
-        if self.policy.freeze_level > 0 and final == 0:
+        if self.policy.freeze_level > 0 and depth_for_fraction(self.policy.freeze_level, count) == 0:
             log.warning(
                 "layerfreeze: freeze_level=%s with %d layers freezes nothing: int(%s * %d) = 0. "
                 "HINT: raise freeze_level to at least %.3g",

@@ -27,24 +27,11 @@ BATCHNORM_MODES = ("train", "eval")
 SHARED_RULES = ("freeze", "trainable")
 
 
-def names_for_depth(
-    layers: Sequence[Layer], depth: int, shared: str = "freeze", trainable: Optional[Iterable[str]] = None,
-) -> set[str]:
-    """Parameter names frozen when the first ``depth`` of ``layers`` are frozen, under the ``shared`` rule.
-
-    ``trainable`` names the parameters that were trainable at attach. Should the
-    frozen set cover all of them (a last layer whose only weight is tied to a
-    frozen embedding, as in GPT-style models), the last layer's parameters stay
-    trainable: with nothing left to train, the next backward would fail and DDP
-    could not keep a reducer. Composer freezes them too and leaves nothing.
-    """
+def names_for_depth(layers: Sequence[Layer], depth: int, shared: str = "freeze") -> set[str]:
+    """Parameter names frozen when the first ``depth`` of ``layers`` are frozen, under the ``shared`` rule."""
     frozen = {n for layer in layers[:depth] for n in layer.param_names}
     if shared == "trainable":
         frozen -= {n for layer in layers[depth:] for n in layer.param_names}
-    if trainable is not None and depth and layers:
-        trainable = set(trainable)
-        if trainable and trainable <= frozen:
-            frozen -= set(layers[-1].param_names)
     return frozen
 
 
@@ -115,6 +102,8 @@ class Freezer:
         self.shared = shared
         self._by_name = dict(self.model.named_parameters())
         self._original_requires_grad = {n: p.requires_grad for n, p in self._by_name.items()}
+        self._trainable = {n for n, flag in self._original_requires_grad.items() if flag}
+        self._kept_last_warned = False
         # Original order of every group, to put unfrozen parameters back in place.
         self._original_groups = [[list(g["params"]) for g in opt.param_groups] for opt in self.optimizers]
         self._frozen: set[str] = set()
@@ -128,26 +117,33 @@ class Freezer:
         return frozenset(self._frozen)
 
     def names_for_depth(self, depth: int, layers: Optional[Sequence[Layer]] = None) -> set[str]:
-        """Parameter names frozen when the first ``depth`` layers (default: this freezer's) are frozen."""
-        trainable = [n for n, flag in self._original_requires_grad.items() if flag]
-        return names_for_depth(self.layers if layers is None else layers, depth, self.shared, trainable)
+        """Parameter names frozen when the first ``depth`` layers (default: this freezer's) are frozen.
+
+        Should that cover every parameter trainable at construction (a last layer
+        whose only weight is tied to a frozen embedding, as in GPT-style models),
+        the last layer's parameters stay trainable: with nothing left to train the
+        next backward would fail and DDP could not keep a reducer. Composer freezes
+        them too and leaves nothing.
+        """
+        layers = self.layers if layers is None else layers
+        frozen = names_for_depth(layers, depth, self.shared)
+        if depth and layers and self._trainable and self._trainable <= frozen:
+            frozen -= set(layers[-1].param_names)
+            if not self._kept_last_warned:
+                self._kept_last_warned = True
+                log.warning(
+                    "layerfreeze: the last layer (%s) shares all its parameters with frozen layers; they "
+                    "stay trainable, since the last layer is never frozen and nothing else would be left "
+                    "to train", layers[-1].name,
+                )
+        return frozen
 
     # -- changes -----------------------------------------------------------
     def apply(self, depth: int) -> bool:
         """Freeze exactly the first ``depth`` layers; returns whether anything changed."""
         if not 0 <= depth < max(len(self.layers), 1):
             raise ValueError(f"depth must be in [0, {max(len(self.layers) - 1, 0)}], got {depth}")
-        target = self.names_for_depth(depth)
-        if depth and self.layers and not getattr(self, "_kept_last_warned", False) and (
-            set(self.layers[-1].param_names) & (names_for_depth(self.layers, depth, self.shared) - target)
-        ):
-            self._kept_last_warned = True
-            log.warning(
-                "layerfreeze: the last layer (%s) shares all its parameters with frozen layers; they stay "
-                "trainable, since the last layer is never frozen and nothing else would be left to train",
-                self.layers[-1].name,
-            )
-        return self.apply_names(target, depth)
+        return self.apply_names(self.names_for_depth(depth), depth)
 
     def apply_names(self, target: set[str], depth: int) -> bool:
         """Make ``target`` the frozen parameter set (used by resume with saved names)."""

@@ -7,9 +7,10 @@ order the forward pass first runs them (``order="execution"``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -187,8 +188,21 @@ class ExecutionTracer:
         return [self._layers[i] for i in order]
 
 
-def _snapshot_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(b, b.detach().clone()) for b in model.buffers()]
+@contextlib.contextmanager
+def _side_effect_free(model: nn.Module) -> Iterator[None]:
+    """Run a measuring forward pass under ``no_grad`` and put every buffer back after it.
+
+    BatchNorm in train mode updates its running statistics on any forward; a
+    trace or a FLOP count must leave the model exactly as it found it.
+    """
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)
 
 
 def execution_order(model: nn.Module, run: Callable[[nn.Module], Any], unit: str = "leaf") -> list[Layer]:
@@ -201,15 +215,11 @@ def execution_order(model: nn.Module, run: Callable[[nn.Module], Any], unit: str
     model = unwrap_model(model)
     layers = definition_order(model, unit)
     tracer = ExecutionTracer(model, layers)
-    saved = _snapshot_buffers(model)
     try:
-        with torch.no_grad():
+        with _side_effect_free(model):
             run(model)
     finally:
         tracer.remove()
-        with torch.no_grad():
-            for buffer, copy in saved:
-                buffer.copy_(copy)
     return tracer.order()
 
 
@@ -245,9 +255,8 @@ def layer_flops(model: nn.Module, layers: Sequence[Layer], run: Callable[[nn.Mod
     for layer in {id(layer.module): layer for layer in layers}.values():
         handles.append(layer.module.register_forward_pre_hook(pre))
         handles.append(layer.module.register_forward_hook(post))
-    saved = _snapshot_buffers(model)
     try:
-        with torch.no_grad():
+        with _side_effect_free(model):
             run(model)
     finally:
         # A forward that raised inside a layer never reached its post-hook: leave
@@ -256,9 +265,6 @@ def layer_flops(model: nn.Module, layers: Sequence[Layer], run: Callable[[nn.Mod
             stack.pop()[1].__exit__(None, None, None)
         for handle in handles:
             handle.remove()
-        with torch.no_grad():
-            for buffer, copy in saved:
-                buffer.copy_(copy)
     return [counts[id(layer.module)] for layer in layers]
 
 
@@ -267,14 +273,8 @@ def total_flops(model: nn.Module, run: Callable[[nn.Module], Any]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = unwrap_model(model)
-    saved = _snapshot_buffers(model)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as mode:
-            run(model)
-    finally:
-        with torch.no_grad():
-            for buffer, copy in saved:
-                buffer.copy_(copy)
+    with _side_effect_free(model), FlopCounterMode(display=False) as mode:
+        run(model)
     return mode.get_total_flops()
 
 
