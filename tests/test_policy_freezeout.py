@@ -160,20 +160,28 @@ def test_layers_past_their_time_stay_still_until_the_epoch_end_freezes_them():
     assert freezing.frozen_depth >= 1
 
 
-def test_scheduler_built_after_attach_composes_multiplicatively():
-    net, opt, freezing = attached(t0=0.5, spacing="linear", scale_lr=False, total_steps=8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5 ** epoch)
+# Freeze times of mlp(4, 6)'s layers under FreezeOut(0.5, "linear") over 8 steps.
+LINEAR_TIMES = {"0": 0.5, "2": 0.75, "4": 1.0, "6": 1.0}
+
+
+def _halving_run(net, opt, scheduler, freezing, steps):
+    """Train ``steps`` steps with a scheduler halving the LR each step; the LRs each step used."""
     seen = effective_lrs(opt)
-    for _ in range(4):
+    for _ in range(steps):
         net(torch.randn(3, 6)).sum().backward()
         opt.step()
         opt.zero_grad()
         scheduler.step()
         freezing.step()
-    times = {"0": 0.5, "2": 0.75, "4": 1.0, "6": 1.0}
-    for step, lrs in enumerate(seen):
-        for name, lr in lrs.items():
-            assert lr == pytest.approx(0.1 * 0.5 ** step * lr_factor(step / 8, times[name], False), rel=1e-15)
+    return [(step, name, lr, 0.1 * 0.5 ** step * lr_factor(step / 8, LINEAR_TIMES[name], False))
+            for step, lrs in enumerate(seen) for name, lr in lrs.items()]
+
+
+def test_scheduler_built_after_attach_composes_multiplicatively():
+    net, opt, freezing = attached(t0=0.5, spacing="linear", scale_lr=False, total_steps=8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5 ** epoch)
+    for step, name, lr, expected in _halving_run(net, opt, scheduler, freezing, 4):
+        assert lr == pytest.approx(expected, rel=1e-15), (step, name)
 
 
 def test_scheduler_built_before_attach_still_drives_every_layer():
@@ -186,17 +194,10 @@ def test_scheduler_built_before_attach_still_drives_every_layer():
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     freezing = lf.LayerFreezing(policy=FreezeOut(0.5, "linear", False), interval="step")
     freezing.attach(net, opt, total_steps=8)
-    seen = effective_lrs(opt)
-    for _ in range(3):
-        net(torch.randn(3, 6)).sum().backward()
-        opt.step()
-        opt.zero_grad()
-        scheduler.step()
-        freezing.step()
-    times = {"0": 0.5, "2": 0.75, "4": 1.0, "6": 1.0}
-    for step, lrs in enumerate(seen):
-        for name, lr in lrs.items():
-            assert lr == 0.1 * 0.5 ** step * lr_factor(step / 8, times[name], False)
+    results = _halving_run(net, opt, scheduler, freezing, 3)
+    assert results
+    for step, name, lr, expected in results:
+        assert lr == expected, (step, name)
 
 
 def test_values_an_optimizer_writes_into_its_groups_are_kept():
