@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import os
 import socket
 import sys
@@ -160,6 +161,8 @@ def run(rank: int, world: int, args: argparse.Namespace) -> None:
         agree = all(torch.equal(g, gathered[0]) for g in gathered)
         print(f"ranks agree on the trained parameters: {'yes' if agree else 'NO'}")
     dist.barrier()
+    del variants  # DDP reducers go before the process group (gloo can abort at exit otherwise)
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -16,6 +16,7 @@ checkpoint holding the model, the optimizer and the freezing state.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -87,6 +88,10 @@ def main() -> None:
     if rank == 0:
         agree = all(torch.equal(g, gathered[0]) for g in gathered)
         print(f"ranks agree: {agree}; weight checksum {checksum.item():.12f}")
+    # Release DDP (its reducer holds gloo work) before the process group: with gloo,
+    # a reducer that outlives destroy_process_group can abort the process at exit.
+    del freezing, ddp
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -12,6 +12,7 @@ saves a one-process reference over the same global batches.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -124,6 +125,10 @@ def main() -> None:
         modes.append("callback")
     for mode in modes:  # several fits in one launch: Lightning reuses its process group
         fit(mode, out)
+    # No DDP reducer may outlive the process group: with gloo that can abort at exit.
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

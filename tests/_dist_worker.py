@@ -11,6 +11,7 @@ instead of hanging it (the test also kills it after its own timeout).
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import sys
@@ -383,6 +384,7 @@ def main() -> None:
             print(f"{name}: {time.perf_counter() - start:.2f}s", flush=True)
             torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
+        gc.collect()  # no DDP reducer may outlive the process group: gloo can abort at exit otherwise
         dist.destroy_process_group()
 
 

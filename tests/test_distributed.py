@@ -14,6 +14,7 @@ Two kinds of tests:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -224,6 +225,7 @@ def one_rank():
     try:
         yield
     finally:
+        gc.collect()  # reducers of the test's DDP wrappers go before the process group
         dist.destroy_process_group()
 
 

@@ -42,6 +42,7 @@ WORKER = textwrap.dedent(
     probe = freezing.state_dict()["policy"]["probe"][0][0]
     print(json.dumps({"depths": depths, "probe_sum": float(probe.sum()),
                       "weights": float(sum(p.double().sum() for p in model.parameters()))}))
+    del ddp, freezing  # the reducer goes before the process group: gloo can abort at exit otherwise
     dist.destroy_process_group()
     """
 )
