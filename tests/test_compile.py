@@ -55,6 +55,36 @@ def test_one_compilation_per_frozen_set_with_aot_eager():
     assert counter.frame_count <= 1 + freezing.state_dict()["changes"]
 
 
+def test_frozen_attention_layout_hook_adds_no_recompilation():
+    # unit="owner" freezes nn.MultiheadAttention's own weights, and the freezer then
+    # hooks the frozen attention (see Freezer._update_attention): still one
+    # compilation per frozen set, and the same values as eager.
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+                                  enable_nested_tensor=False)
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(3))
+    counter = CompileCounterWithBackend("aot_eager")
+    runs = []
+    for net, run in ((model, torch.compile(model, backend=counter)), (twin, twin)):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        freezing = lf.LayerFreezing(freeze_start=0.0, interval="step", unit="owner").attach(net, opt, total_steps=6)
+        depths, losses = [], []
+        for _ in range(6):
+            depths.append(freezing.frozen_depth)
+            loss = run(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            freezing.step()
+            losses.append(loss.item())
+        runs.append((depths, losses))
+    assert runs[0][0] == runs[1][0] and len(set(runs[0][0])) == 6
+    assert any(m._forward_pre_hooks for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    assert counter.frame_count == len(set(runs[0][0]))
+    torch.testing.assert_close(runs[0][1], runs[1][1])
+
+
 def test_compiled_training_matches_eager_bit_for_bit():
     eager, compiled = small_mlp(), small_mlp()
     results = []

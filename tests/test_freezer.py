@@ -196,3 +196,69 @@ def test_last_layer_tied_to_a_frozen_embedding_stays_trainable(caplog):
         freezer.apply(2)
     assert model.wte.weight.requires_grad and freezer.frozen_names == {"block.weight", "block.bias"}
     assert "shares all its parameters with frozen layers" in caplog.text
+
+
+# -- frozen batch-first attention keeps the kernels it ran while trainable ---------------
+def _op_counts(module: nn.Module, *args, **kwargs) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = module(*args, **kwargs)
+    return out, {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+
+
+def test_frozen_batch_first_attention_computes_what_it_computed_trainable():
+    # Frozen, torch.matmul would no longer fold MHA's transposed input into one
+    # matrix product (it does so only for weights that require grad): one small
+    # product per sequence position instead (aten.bmm), up to 1.3x slower on a
+    # CPU, and on this shape not bit-equal to the trainable layer's output.
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    x = torch.randn(2, 10, 64)
+    trainable_out, trainable_ops = _op_counts(layer, x)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    freezer = Freezer(layer, [opt], definition_order(layer, "owner"))
+    freezer.apply(len(freezer.layers) - 1)
+    assert not layer.self_attn.in_proj_weight.requires_grad
+    frozen_out, frozen_ops = _op_counts(layer, x)
+    assert "aten.bmm" not in frozen_ops
+    assert sum(frozen_ops.values()) == sum(trainable_ops.values())
+    assert torch.equal(frozen_out, trainable_out)
+    # The values the module sees are the caller's, laid out differently in memory only.
+    seen = []
+    layer.self_attn.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    layer(x)
+    assert torch.equal(seen[0], x) and seen[0].shape == x.shape
+
+    freezer.apply(0)  # thawed: the hook is gone
+    assert len(layer.self_attn._forward_pre_hooks) == 0
+
+
+@pytest.mark.parametrize("call", ["positional", "keywords", "cross"])
+def test_frozen_attention_layout_keeps_identity_and_keyword_calls(call):
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, 2, batch_first=True)
+    opt = torch.optim.SGD(attn.parameters(), lr=0.1)
+    q, kv = torch.randn(2, 5, 16), torch.randn(2, 9, 16)
+    calls = {
+        "positional": lambda: attn(q, q, q, need_weights=False),
+        "keywords": lambda: attn(query=q, key=q, value=q, need_weights=False),
+        "cross": lambda: attn(q, kv, kv, need_weights=False),
+    }
+    expected = calls[call]()[0]
+    freezer = Freezer(attn, [opt], definition_order(attn, "owner"))
+    freezer.names_for_depth = lambda depth, layers=None: set(dict(attn.named_parameters()))
+    freezer.apply_names(set(dict(attn.named_parameters())) - {"out_proj.weight", "out_proj.bias"}, 1)
+    seen = []
+    attn.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    out = calls[call]()[0]
+    assert torch.equal(out, expected)
+    args, kwargs = seen[0]
+    query, key, value = (args + tuple(kwargs[k] for k in ("query", "key", "value") if k in kwargs))[:3]
+    assert key is value and (query is key) == (call != "cross")  # self-attention stays recognisable
+    attn.eval()  # eval keeps the caller's tensors: the inference fast path decides on its own
+    seen.clear()
+    attn(q, q, q)
+    assert seen[0][0][0] is q
+    freezer.release()
+    assert len(attn._forward_pre_hooks) == 1  # only the test's own hook is left
