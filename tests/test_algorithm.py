@@ -322,3 +322,20 @@ def test_set_depth_accepts_numpy_integers():
     freezing = lf.LayerFreezing().attach(model, torch.optim.SGD(model.parameters(), lr=0.1), 4)
     freezing.set_depth(np.int64(2))
     assert freezing.frozen_depth == 2 and type(freezing.state_dict()["depth"]) is int
+
+
+@pytest.mark.parametrize("policy", [None, "gradient", "convergence"])
+def test_one_epoch_run_deciding_at_epoch_ends_is_warned_whatever_the_policy(policy, caplog):
+    policies = {None: lambda: None, "gradient": lambda: lf.policies.GradientChange(every=2),
+                "convergence": lambda: lf.policies.Convergence(every=2)}
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = {} if policy is None else {"policy": policies[policy]()}
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        lf.LayerFreezing(interval="epoch", **kwargs).attach(model, opt, total_steps=10, steps_per_epoch=10)
+    assert "one-epoch run with interval='epoch' freezes only after its last step" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        lf.LayerFreezing(interval="epoch", **({} if policy is None else {"policy": policies[policy]()})).attach(
+            model, opt, total_steps=10, steps_per_epoch=5)
+    assert "one-epoch" not in caplog.text

@@ -350,6 +350,15 @@ def test_requires_grad_changed_after_wrapping_is_repaired_at_attach(one_rank, ca
     assert ddp._get_ddp_logging_data()["num_parameter_tensors"] == 6
 
 
+def test_a_refused_attach_leaves_a_stale_reducer_alone(one_rank):
+    net, ddp = _thawed_after_wrapping()
+    reducer = ddp.reducer
+    other = torch.optim.SGD(_net().parameters(), lr=0.1)  # trains another model
+    with pytest.raises(ValueError, match="optimizer"):
+        lf.LayerFreezing().attach(ddp, other, total_steps=10)
+    assert ddp.reducer is reducer  # no rebuild, no collective, before a refusal
+
+
 def test_fsdp1_without_orig_params_raises_before_changing_anything(one_rank):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 

@@ -179,3 +179,21 @@ def test_similarity_below_threshold_blocks_the_layers_after_it():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Convergence(**kwargs)
+
+
+def test_a_probe_the_model_cannot_run_is_refused_at_attach_and_changes_nothing():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups = [list(g["params"]) for g in opt.param_groups]
+    freezing = lf.LayerFreezing(policy=Convergence(every=1, probe=torch.randn(4, 7)))  # mlp takes 6 features
+    with pytest.raises(ValueError, match=r"cannot run on the given probe \(RuntimeError: .*HINT: pass probe="):
+        freezing.attach(model, opt, total_steps=10)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert [list(g["params"]) for g in opt.param_groups] == groups
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    # The same model and optimizer then attach with a probe of the right shape.
+    freezing = lf.LayerFreezing(policy=Convergence(every=1, probe=torch.randn(4, 6)))
+    freezing.attach(model, opt, total_steps=10)
+    assert freezing.state_dict()["policy"]["probe"] is not None

@@ -140,3 +140,11 @@ def test_observes_after_gradient_clipping():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GradientChange(**kwargs)
+
+
+@pytest.mark.parametrize("percentile, warned", [(0.5, True), (1, True), (0.0, False), (50, False), (1.5, False)])
+def test_a_fraction_given_as_percentile_gets_a_hint(percentile, warned, caplog):
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        policy = GradientChange(percentile=percentile)
+    assert policy.percentile == float(percentile)
+    assert ("HINT: for the median pass percentile=50" in caplog.text) == warned

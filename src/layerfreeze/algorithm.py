@@ -198,7 +198,7 @@ class LayerFreezing:
         if self._attached:
             raise RuntimeError("this LayerFreezing is already attached; call detach() first")
         inner = validate_model(model)
-        distributed.on_attach(model)
+        distributed.check_model(model)
         optimizer_list = validate_optimizers(model, optimizers)
         total_steps = _positive_int("total_steps", total_steps)
         steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch, optional=True)
@@ -229,6 +229,8 @@ class LayerFreezing:
                 f"example_inputs could not be run through the model ({type(error).__name__}: {error}); "
                 "pass a batch the model accepts: a tensor, a tuple of positional args or a dict of kwargs"
             ) from error
+        # Last of the checks, first of the changes: may rebuild a stale DDP reducer.
+        distributed.on_attach(model)
         if self.order == "execution" and not pending_traced and run is None:
             self._tracer = ExecutionTracer(inner, layers)
 
@@ -565,6 +567,11 @@ class LayerFreezing:
             )
 
     def _warn_if_nothing_freezes(self) -> None:
+        if self.interval == "epoch" and self.steps_per_epoch is not None and self.steps_per_epoch >= self.total_steps:
+            log.warning(
+                "layerfreeze: a one-epoch run with interval='epoch' freezes only after its last step. "
+                "HINT: pass interval='step'"
+            )
         if not isinstance(self.policy, Linear) or self.policy.measure != "layers":
             return
         count = len(self._freezer.layers)
@@ -573,9 +580,4 @@ class LayerFreezing:
                 "layerfreeze: freeze_level=%s with %d layers freezes nothing: int(%s * %d) = 0. "
                 "HINT: raise freeze_level to at least %.3g",
                 self.policy.freeze_level, count, self.policy.freeze_level, count - 1, 1 / max(count - 1, 1),
-            )
-        if self.interval == "epoch" and self.steps_per_epoch is not None and self.steps_per_epoch >= self.total_steps:
-            log.warning(
-                "layerfreeze: a one-epoch run with interval='epoch' freezes only after its last step. "
-                "HINT: pass interval='step'"
             )

@@ -175,9 +175,10 @@ def _trainable_size(ddp: nn.parallel.DistributedDataParallel) -> tuple[int, int]
 def on_attach(model: nn.Module) -> None:
     """Check ``model`` and, for DDP, choose how to handle changes of its trainable set.
 
-    Called by ``LayerFreezing.attach`` right after the model is validated. For DDP
-    it runs collectives only when ``requires_grad`` was changed after wrapping
-    (then the reducer is rebuilt and parameters broadcast from rank 0 at once).
+    Called by ``LayerFreezing.attach`` after every other check, before anything
+    changes. For DDP it runs collectives only when ``requires_grad`` was changed
+    after wrapping (then the reducer is rebuilt and parameters broadcast from
+    rank 0 at once).
 
     Raises:
         ValueError: from :func:`check_model` (FSDP1 without ``use_orig_params``);

@@ -206,6 +206,15 @@ class Convergence(Policy):
             args, kwargs = _as_call(self._given)
             args, kwargs = _slice_batch(args, kwargs, self.max_samples)
             self._probe = _map_tensors((args, kwargs), lambda t: t.detach().to(device).clone())
+            try:  # fail now, not at the first probe deep into training
+                self._measure(0)
+            except Exception as error:
+                self._probe = None
+                raise ValueError(
+                    f"Convergence: the model cannot run on the given probe ({type(error).__name__}: {error}). "
+                    "HINT: pass probe= a batch the model accepts (a tensor, a tuple of positional inputs or a "
+                    "dict of keyword inputs), or leave it None to use the first training batch"
+                ) from error
         elif self._probe is None:
             self._capture = context.model.register_forward_pre_hook(self._capture_first, with_kwargs=True)
 

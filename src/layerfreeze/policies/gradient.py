@@ -104,6 +104,12 @@ class GradientChange(Policy):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0.0 <= percentile <= 100.0:
             raise ValueError(f"percentile must be a number in [0, 100], got {percentile!r}")
+        if 0.0 < percentile <= 1.0:
+            log.warning(
+                "layerfreeze: GradientChange(percentile=%s) is a percentile in [0, 100], so it freezes only "
+                "layers below the %s-th percentile of the changes. HINT: for the median pass percentile=50.",
+                percentile, percentile,
+            )
         self.every = every
         self.percentile = float(percentile)
         self.samples = min(samples, every)
