@@ -19,6 +19,8 @@ __all__ = [
     "CLOCKS",
     "set_threads",
     "interleaved_medians",
+    "interleaved_times",
+    "paired_ratio",
     "no_grad_until",
     "first_forward",
     "saved_bytes",
@@ -42,10 +44,10 @@ def set_threads(threads: int) -> None:
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
-def interleaved_medians(
+def interleaved_times(
     variants: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1, clock: str = "cpu"
-) -> dict[str, float]:
-    """Median seconds of each callable, timed in rounds that run every variant once.
+) -> dict[str, list[float]]:
+    """Seconds of each callable in each of ``repeats`` rounds that run every variant once.
 
     The order inside a round rotates, so no variant always runs first (after a
     pause) or last. ``warmup`` untimed rounds run first. ``clock="cpu"`` measures
@@ -64,7 +66,25 @@ def interleaved_medians(
             start = now()
             variants[name]()
             times[name].append(now() - start)
+    return times
+
+
+def interleaved_medians(
+    variants: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1, clock: str = "cpu"
+) -> dict[str, float]:
+    """Median seconds of each callable over interleaved rounds (see :func:`interleaved_times`)."""
+    times = interleaved_times(variants, repeats, warmup, clock)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def paired_ratio(times: Mapping[str, Sequence[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of ``numerator``'s time divided by ``denominator``'s in the same round.
+
+    The two ran back to back, so load that comes and goes on a shared machine
+    hits both alike and cancels in the ratio, which the ratio of two medians
+    (each over all rounds) does not do.
+    """
+    return statistics.median(n / d for n, d in zip(times[numerator], times[denominator]))
 
 
 @contextlib.contextmanager

@@ -10,7 +10,9 @@ For each model and frozen fraction this times, interleaved in one run:
 
 It prints (a)/(b) (target <= 1.03), (c)/(a) (the speedup freezing gives) and the
 speedup the performance model predicts, 3 / (3 - 2 f) with f the frozen prefix's
-share of forward FLOPs (the performance model of docs/performance.md). Then, per fraction, the memory one
+share of forward FLOPs (the performance model of docs/performance.md). A ratio is
+the median over rounds of the two variants' times within a round, so load that
+comes and goes on a shared machine cancels. Then, per fraction, the memory one
 training step holds under the library against no freezing (tensor bytes counted
 exactly; with ``--rss`` also the peak RSS growth of two steps in a fresh process).
 
@@ -32,6 +34,7 @@ import argparse
 import copy
 import dataclasses
 import logging
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -46,9 +49,10 @@ from _common import (  # noqa: E402
     backward_nodes,
     first_forward,
     grad_bytes,
-    interleaved_medians,
+    interleaved_times,
     no_grad_until,
     optimizer_state_bytes,
+    paired_ratio,
     saved_bytes,
     set_threads,
     table,
@@ -291,16 +295,18 @@ def run_case(case: Case, repeats: int, clock: str, rss_batch: Optional[int] = No
             model_c = copy.deepcopy(case.model)
             opt_c = case.optimizer(list(model_c.parameters()))
             variants["c"] = lambda: _step(model_c, opt_c, x, y)
-            medians = interleaved_medians(variants, repeats=repeats, warmup=1, clock=clock)
-            a = medians[f"a_{main_unit}"]
+            times = interleaved_times(variants, repeats=repeats, warmup=1, clock=clock)
+            medians = {name: statistics.median(values) for name, values in times.items()}
+            main = f"a_{main_unit}"
+            a = medians[main]
             f = shares[cut]
             row = [case.name, f"{target:.2f}", f"{depth}/{len(unit_layers[main_unit])}", f"{f:.3f}",
                    f"{a * 1e3:.1f}", f"{medians['b'] * 1e3:.1f}", f"{medians['c'] * 1e3:.1f}",
-                   f"{a / medians['b']:.3f}", f"{medians['c'] / a:.3f}", f"{3 / (3 - 2 * f):.3f}",
-                   f"{nodes[main_unit]}/{nodes['b']}"]
-            row.append(f"{a / medians['b2']:.3f}" if "b2" in medians else "")
-            leaf = "a_leaf" in medians and main_unit != "leaf"
-            row.append(f"{medians['a_leaf'] / medians['b']:.3f}" if leaf else "")
+                   f"{paired_ratio(times, main, 'b'):.3f}", f"{paired_ratio(times, 'c', main):.3f}",
+                   f"{3 / (3 - 2 * f):.3f}", f"{nodes[main_unit]}/{nodes['b']}"]
+            row.append(f"{paired_ratio(times, main, 'b2'):.3f}" if "b2" in times else "")
+            leaf = "a_leaf" in times and main_unit != "leaf"
+            row.append(f"{paired_ratio(times, 'a_leaf', 'b'):.3f}" if leaf else "")
             row.append(f"{nodes['leaf']}" if leaf else "")
             speed_rows.append(row)
             print(" | ".join(row), flush=True)
@@ -364,7 +370,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     logging.getLogger("layerfreeze").setLevel(logging.ERROR)  # the BatchNorm hint, once per depth
-    timing = "memory only" if args.memory_only else f"{args.repeats} interleaved rounds, medians of {args.clock} time"
+    timing = "memory only" if args.memory_only else (
+        f"{args.repeats} interleaved rounds of {args.clock} time; ms: medians, ratios: medians of the "
+        "ratios within a round")
     print(f"torch {torch.__version__}, {args.threads} thread(s), {timing}")
     builders = _builders(args.resnet_batch, args.transformer_batch)
     speed, memory, notes = [], [], []
