@@ -19,7 +19,7 @@ import pytest
 
 WORKER = textwrap.dedent(
     """
-    import json, os, sys
+    import gc, json, os, sys
     import torch, torch.distributed as dist
     from torch import nn
     import layerfreeze as lf
@@ -42,7 +42,10 @@ WORKER = textwrap.dedent(
     probe = freezing.state_dict()["policy"]["probe"][0][0]
     print(json.dumps({"depths": depths, "probe_sum": float(probe.sum()),
                       "weights": float(sum(p.double().sum() for p in model.parameters()))}))
-    del ddp, freezing  # the reducer goes before the process group: gloo can abort at exit otherwise
+    # No DDP reducer may outlive the process group: gloo can abort at exit otherwise.
+    # DDP holds reference cycles, so del alone does not free it.
+    del ddp, freezing, policy
+    gc.collect()
     dist.destroy_process_group()
     """
 )
