@@ -339,3 +339,23 @@ def test_one_epoch_run_deciding_at_epoch_ends_is_warned_whatever_the_policy(poli
         lf.LayerFreezing(interval="epoch", **({} if policy is None else {"policy": policies[policy]()})).attach(
             model, opt, total_steps=10, steps_per_epoch=5)
     assert "one-epoch" not in caplog.text
+
+
+def _encoder() -> nn.TransformerEncoder:
+    torch.manual_seed(0)
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2,
+                                 enable_nested_tensor=False)
+
+
+@pytest.mark.parametrize("unit, model, warned", [("leaf", _encoder, True), ("owner", _encoder, False),
+                                                 ("leaf", mlp, False)])
+def test_parameters_no_leaf_layer_holds_are_named_at_attach_with_a_hint(unit, model, warned, caplog):
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        lf.LayerFreezing(unit=unit).attach(net, opt, total_steps=10)
+    text = caplog.text
+    assert ("belong to no layer" in text) == warned
+    if warned:  # in_proj_weight and in_proj_bias of 2 attention modules
+        assert "4 trainable parameter(s) belong to no layer under unit='leaf'" in text
+        assert "layers.0.self_attn.in_proj_weight" in text and "HINT: unit='owner'" in text

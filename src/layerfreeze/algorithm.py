@@ -211,6 +211,7 @@ class LayerFreezing:
             )
 
         layers = definition_order(inner, self.unit)
+        self._warn_about_orphans(inner, layers)
         if len(layers) < 2:
             log.warning(
                 "layerfreeze: %s has %d layer(s); the last layer is never frozen, so nothing "
@@ -564,6 +565,20 @@ class LayerFreezing:
                 "layerfreeze: frozen BatchNorm layers keep updating their running statistics "
                 "(batchnorm='train', Composer's behaviour). HINT: pass batchnorm='eval' to "
                 "LayerFreezing to hold them fixed."
+            )
+
+    def _warn_about_orphans(self, model: nn.Module, layers: Sequence[Layer]) -> None:
+        if self.unit != "leaf":
+            return
+        held = {name for layer in layers for name in layer.param_names}
+        orphans = [n for n, p in model.named_parameters() if p.requires_grad and n not in held]
+        if orphans:
+            log.warning(
+                "layerfreeze: %d trainable parameter(s) belong to no layer under unit='leaf' (Composer's "
+                "definition of a layer: leaf modules only) and never freeze: %s. Where they are used "
+                "before frozen layers, backward still runs through those layers to reach them. HINT: "
+                "unit='owner' makes every module that owns parameters a layer",
+                len(orphans), summarize(orphans),
             )
 
     def _warn_if_nothing_freezes(self) -> None:
