@@ -80,9 +80,9 @@ def interleaved_medians(
 def paired_ratio(times: Mapping[str, Sequence[float]], numerator: str, denominator: str) -> float:
     """Median over rounds of ``numerator``'s time divided by ``denominator``'s in the same round.
 
-    The two ran back to back, so load that comes and goes on a shared machine
-    hits both alike and cancels in the ratio, which the ratio of two medians
-    (each over all rounds) does not do.
+    The two ran in the same round, moments apart, so load that comes and goes on
+    a shared machine hits both alike and cancels in the ratio, which the ratio of
+    two medians (each over all rounds) does not do.
     """
     return statistics.median(n / d for n, d in zip(times[numerator], times[denominator]))
 

@@ -207,14 +207,29 @@ def _op_counts(module: nn.Module, *args, **kwargs) -> dict:
     return out, {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
 
 
-def test_frozen_batch_first_attention_computes_what_it_computed_trainable():
+def _spy_on_attention(monkeypatch) -> list:
+    """Record the arguments nn.MultiheadAttention's own forward receives."""
+    seen = []
+    original = nn.MultiheadAttention.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((args, kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.MultiheadAttention, "forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("batch, bias, seed", [(2, True, 1), (1, False, 0), (3, False, 2)])
+def test_frozen_batch_first_attention_computes_what_it_computed_trainable(batch, bias, seed, monkeypatch):
     # Frozen, torch.matmul would no longer fold MHA's transposed input into one
     # matrix product (it does so only for weights that require grad): one small
     # product per sequence position instead (aten.bmm), up to 1.3x slower on a
-    # CPU, and on this shape not bit-equal to the trainable layer's output.
-    torch.manual_seed(1)
-    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
-    x = torch.randn(2, 10, 64)
+    # CPU, and on these shapes not bit-equal to the trainable layer's output.
+    # Batch 1 without bias is the case where is_contiguous() misleads.
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, bias=bias, batch_first=True)
+    x = torch.randn(batch, 10 + 40 * (batch == 1), 64)
     trainable_out, trainable_ops = _op_counts(layer, x)
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     freezer = Freezer(layer, [opt], definition_order(layer, "owner"))
@@ -224,18 +239,18 @@ def test_frozen_batch_first_attention_computes_what_it_computed_trainable():
     assert "aten.bmm" not in frozen_ops
     assert sum(frozen_ops.values()) == sum(trainable_ops.values())
     assert torch.equal(frozen_out, trainable_out)
-    # The values the module sees are the caller's, laid out differently in memory only.
-    seen = []
-    layer.self_attn.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    # The values the attention sees are the caller's, laid out differently in memory only.
+    seen = _spy_on_attention(monkeypatch)
     layer(x)
-    assert torch.equal(seen[0], x) and seen[0].shape == x.shape
+    query = seen[0][0][0]
+    assert torch.equal(query, layer.norm1(x) if layer.norm_first else x) and query.shape == x.shape
 
-    freezer.apply(0)  # thawed: the hook is gone
-    assert len(layer.self_attn._forward_pre_hooks) == 0
+    freezer.apply(0)  # thawed: the module's own forward again
+    assert "forward" not in layer.self_attn.__dict__
 
 
 @pytest.mark.parametrize("call", ["positional", "keywords", "cross"])
-def test_frozen_attention_layout_keeps_identity_and_keyword_calls(call):
+def test_frozen_attention_layout_keeps_identity_and_keyword_calls(call, monkeypatch):
     torch.manual_seed(0)
     attn = nn.MultiheadAttention(16, 2, batch_first=True)
     opt = torch.optim.SGD(attn.parameters(), lr=0.1)
@@ -247,18 +262,34 @@ def test_frozen_attention_layout_keeps_identity_and_keyword_calls(call):
     }
     expected = calls[call]()[0]
     freezer = Freezer(attn, [opt], definition_order(attn, "owner"))
-    freezer.names_for_depth = lambda depth, layers=None: set(dict(attn.named_parameters()))
-    freezer.apply_names(set(dict(attn.named_parameters())) - {"out_proj.weight", "out_proj.bias"}, 1)
-    seen = []
-    attn.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    freezer.apply_names({"in_proj_weight", "in_proj_bias"}, 1)
+    seen = _spy_on_attention(monkeypatch)
     out = calls[call]()[0]
     assert torch.equal(out, expected)
     args, kwargs = seen[0]
     query, key, value = (args + tuple(kwargs[k] for k in ("query", "key", "value") if k in kwargs))[:3]
     assert key is value and (query is key) == (call != "cross")  # self-attention stays recognisable
-    attn.eval()  # eval keeps the caller's tensors: the inference fast path decides on its own
+    assert query is not q  # relaid, since batch 2 > 1
+    attn.eval()  # eval passes the caller's tensors through: PyTorch's inference fast path decides
     seen.clear()
     attn(q, q, q)
     assert seen[0][0][0] is q
     freezer.release()
-    assert len(attn._forward_pre_hooks) == 1  # only the test's own hook is left
+    assert "forward" not in attn.__dict__
+
+
+def test_frozen_attention_keeps_the_fused_inference_path_and_pickles():
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2,
+                                    enable_nested_tensor=False)
+    freezer = Freezer(encoder, [], definition_order(encoder, "owner"))
+    freezer.apply(len(freezer.layers) - 1)
+    assert all("forward" in m.__dict__ for m in encoder.modules() if isinstance(m, nn.MultiheadAttention))
+    encoder.eval()
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        expected = encoder(x)
+    assert any("_transformer_encoder_layer_fwd" in event.name for event in prof.events())
+    for clone in (pickle.loads(pickle.dumps(encoder)), copy.deepcopy(encoder)):
+        with torch.no_grad():
+            assert torch.equal(clone(x), expected)

@@ -186,14 +186,43 @@ def test_a_probe_the_model_cannot_run_is_refused_at_attach_and_changes_nothing()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     groups = [list(g["params"]) for g in opt.param_groups]
-    freezing = lf.LayerFreezing(policy=Convergence(every=1, probe=torch.randn(4, 7)))  # mlp takes 6 features
+    freezing = lf.LayerFreezing(policy=Convergence(every=1, probe=torch.randn(4, 7)), order="execution")  # 6 in
     with pytest.raises(ValueError, match=r"cannot run on the given probe \(RuntimeError: .*HINT: pass probe="):
         freezing.attach(model, opt, total_steps=10)
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert [list(g["params"]) for g in opt.param_groups] == groups
-    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    freezing.detach()  # harmless after a refused attach
     # The same model and optimizer then attach with a probe of the right shape.
     freezing = lf.LayerFreezing(policy=Convergence(every=1, probe=torch.randn(4, 6)))
     freezing.attach(model, opt, total_steps=10)
     assert freezing.state_dict()["policy"]["probe"] is not None
+
+
+def test_checking_a_given_probe_does_not_fix_the_execution_order():
+    # The order comes from the first *training* forward pass; the probe check at
+    # attach runs in eval mode and must not be taken for it.
+    class Aux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.aux, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.a(x)
+            if self.training:  # a branch that runs in training only
+                x = x + self.aux(x)
+            return self.head(self.b(x))
+
+    orders = []
+    for probe in (None, torch.randn(4, 4)):
+        torch.manual_seed(0)
+        model = Aux()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezing = lf.LayerFreezing(policy=Convergence(every=2, probe=probe), order="execution", interval="step")
+        freezing.attach(model, opt, total_steps=4)
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+        freezing.step()
+        orders.append([layer.name for layer in freezing.layers])
+    assert orders[0] == orders[1] == ["a", "aux", "b", "head"]

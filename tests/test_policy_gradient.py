@@ -147,4 +147,4 @@ def test_a_fraction_given_as_percentile_gets_a_hint(percentile, warned, caplog):
     with caplog.at_level("WARNING", logger="layerfreeze"):
         policy = GradientChange(percentile=percentile)
     assert policy.percentile == float(percentile)
-    assert ("HINT: for the median pass percentile=50" in caplog.text) == warned
+    assert ("HINT: if you meant a fraction, pass it times 100" in caplog.text) == warned

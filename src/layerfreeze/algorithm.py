@@ -158,6 +158,7 @@ class LayerFreezing:
         self._tracer: Optional[ExecutionTracer] = None
         self._freezer: Optional[Freezer] = None
         self._wrapper: Optional[nn.Module] = None
+        self._bridge: Optional[checkpointing.GradientBridge] = None
         self._load_hooks: list[Any] = []
         self._reset_run()
 
@@ -230,26 +231,32 @@ class LayerFreezing:
                 f"example_inputs could not be run through the model ({type(error).__name__}: {error}); "
                 "pass a batch the model accepts: a tensor, a tuple of positional args or a dict of kwargs"
             ) from error
+        context = Context(inner, optimizer_list, layers, costs, total_steps, self._resolve_layers)
+        self.policy.check(context)
         # Last of the checks, first of the changes: may rebuild a stale DDP reducer.
         distributed.on_attach(model)
-        if self.order == "execution" and not pending_traced and run is None:
-            self._tracer = ExecutionTracer(inner, layers)
+        try:
+            if self.order == "execution" and not pending_traced and run is None:
+                self._tracer = ExecutionTracer(inner, layers)
 
-        self._reset_run()
-        self._wrapper = model
-        self._freezer = Freezer(inner, optimizer_list, layers, batchnorm=self.batchnorm, shared=self.shared)
-        self._context = Context(inner, optimizer_list, layers, costs, total_steps, self._resolve_layers)
-        self.total_steps = total_steps
-        self.steps_per_epoch = steps_per_epoch
-        self.policy.bind(self._context)
-        self.policy._layerfreeze_bound_to = id(self)
-        self._load_hooks = [
-            opt.register_load_state_dict_pre_hook(_check_group_sizes)
-            for opt in optimizer_list if hasattr(opt, "register_load_state_dict_pre_hook")
-        ]
-        # Reentrant activation checkpointing after frozen layers (checkpointing.py, issue 6 item 7).
-        self._bridge = checkpointing.GradientBridge(inner, layers)
-        self._attached = True
+            self._reset_run()
+            self._wrapper = model
+            self._freezer = Freezer(inner, optimizer_list, layers, batchnorm=self.batchnorm, shared=self.shared)
+            self._context = context
+            self.total_steps = total_steps
+            self.steps_per_epoch = steps_per_epoch
+            self.policy.bind(self._context)
+            self.policy._layerfreeze_bound_to = id(self)
+            self._load_hooks = [
+                opt.register_load_state_dict_pre_hook(_check_group_sizes)
+                for opt in optimizer_list if hasattr(opt, "register_load_state_dict_pre_hook")
+            ]
+            # Reentrant activation checkpointing after frozen layers (checkpointing.py, issue 6 item 7).
+            self._bridge = checkpointing.GradientBridge(inner, layers)
+            self._attached = True
+        except BaseException:
+            self.detach()  # undo what this attach changed before it failed
+            raise
         self._warn_if_nothing_freezes()
         if self._pending_state is not None:
             pending, self._pending_state = self._pending_state, None
@@ -267,8 +274,10 @@ class LayerFreezing:
             self._tracer = None
         if self._freezer is not None:
             self._freezer.release()
-            self._bridge.remove()
             distributed.on_trainable_change(self._wrapper)
+        if self._bridge is not None:
+            self._bridge.remove()
+            self._bridge = None
         self.policy.release()
         self.policy._layerfreeze_bound_to = None
         for handle in self._load_hooks:

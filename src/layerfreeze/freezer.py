@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -68,31 +68,38 @@ def _pinned_eval_train(module: nn.Module, mode: bool = True) -> nn.Module:
     return module
 
 
-def _sequence_first_layout(module: nn.MultiheadAttention, args: tuple, kwargs: dict):
-    # Forward pre-hook on a frozen batch-first nn.MultiheadAttention in training
-    # mode. Its input projection transposes the input to (sequence, batch, embed)
-    # and runs F.linear on that non-contiguous view. torch.matmul folds such a
-    # view into one matrix product only while the weight requires grad; frozen,
-    # it falls back to one small product per sequence position, up to 1.3x
-    # slower. Handing the module the same values laid out sequence-first in
-    # memory makes the transposed view contiguous, so the product folds again:
-    # the same copy and the same matrix product as before freezing, bit for bit.
-    # Identity between query, key and value is kept (self-attention tests it).
-    if not (module.training and module.batch_first):
-        return None
-    relaid: dict[int, torch.Tensor] = {}
+def _sequence_first(value: object, relaid: dict[int, torch.Tensor]) -> object:
+    # The same values as ``value`` (batch, sequence, embed), laid out in memory so
+    # that its (sequence, batch, embed) transpose passes torch.matmul's folding
+    # test literally: stride(0) == stride(1) * size(1). is_contiguous() is not
+    # that test (it ignores the strides of size-1 dimensions, as at batch 1).
+    if not isinstance(value, torch.Tensor) or value.dim() != 3 or value.is_nested:
+        return value
+    if id(value) not in relaid:
+        seq_first = value.transpose(0, 1)
+        if seq_first.stride(0) != seq_first.stride(1) * seq_first.size(1):
+            seq_first = seq_first.clone(memory_format=torch.contiguous_format)
+        relaid[id(value)] = seq_first.transpose(0, 1)
+    return relaid[id(value)]
 
-    def relay(value: object) -> object:
-        if not isinstance(value, torch.Tensor) or value.dim() != 3 or value.is_nested:
-            return value
-        if id(value) not in relaid:
-            seq_first = value.transpose(0, 1)
-            relaid[id(value)] = value if seq_first.is_contiguous() else seq_first.contiguous().transpose(0, 1)
-        return relaid[id(value)]
 
-    args = tuple(relay(a) if i < 3 else a for i, a in enumerate(args))
-    kwargs = {k: relay(v) if k in ("query", "key", "value") else v for k, v in kwargs.items()}
-    return args, kwargs
+def _relaid_attention_forward(module: nn.MultiheadAttention, *args: Any, **kwargs: Any) -> Any:
+    # Installed as the instance's forward on a frozen batch-first
+    # nn.MultiheadAttention. In training mode its input projection transposes the
+    # input to (sequence, batch, embed) and runs F.linear on that view.
+    # torch.matmul folds such a view into one matrix product (copying it) only
+    # while the weight requires grad; frozen, it falls back to one small product
+    # per sequence position, up to 1.3x slower and not bit-equal. Handing the
+    # module the same values laid out sequence-first makes the view fold again:
+    # the same copy and product as before freezing. Identity between query, key
+    # and value is kept (self-attention tests it). An instance attribute rather
+    # than a hook, since any hook on self_attn turns off the fused inference path
+    # of nn.TransformerEncoderLayer; eval mode is passed through untouched.
+    if module.training and module.batch_first:
+        relaid: dict[int, torch.Tensor] = {}
+        args = tuple(_sequence_first(a, relaid) if i < 3 else a for i, a in enumerate(args))
+        kwargs = {k: _sequence_first(v, relaid) if k in ("query", "key", "value") else v for k, v in kwargs.items()}
+    return type(module).forward(module, *args, **kwargs)
 
 
 class Freezer:
@@ -142,7 +149,7 @@ class Freezer:
             if isinstance(module, nn.MultiheadAttention) and module.batch_first
             for weight in (("in_proj_weight",) if module._qkv_same_embed_dim else ("q_proj_weight",))
         }
-        self._relaid: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._relaid: dict[str, nn.Module] = {}
         self.depth = 0
 
     # -- queries -----------------------------------------------------------
@@ -227,15 +234,16 @@ class Freezer:
                 self._pinned.append(module)
 
     def _update_attention(self) -> None:
-        # Keep frozen attention as fast as it was trainable (see _sequence_first_layout).
+        # Keep frozen attention as fast as it was trainable (see _relaid_attention_forward).
         for name, module in self._attention.items():
-            if name in self._frozen and name not in self._relaid:
-                self._relaid[name] = module.register_forward_pre_hook(_sequence_first_layout, with_kwargs=True)
+            if name in self._frozen and name not in self._relaid and "forward" not in module.__dict__:
+                module.__dict__["forward"] = functools.partial(_relaid_attention_forward, module)
+                self._relaid[name] = module
             elif name not in self._frozen and name in self._relaid:
-                self._relaid.pop(name).remove()
+                self._relaid.pop(name).__dict__.pop("forward", None)
 
     def release(self) -> None:
-        """Unfreeze everything, unpin BatchNorm layers and remove the attention layout hooks."""
+        """Unfreeze everything, unpin BatchNorm layers and restore frozen attention's own forward."""
         self.apply_names(set(), 0)
 
 

@@ -78,6 +78,11 @@ class Policy:
     #: whether ``decide`` needs ``Context.costs`` (forward FLOPs per layer)
     needs_costs: bool = False
 
+    def check(self, context: Context) -> None:
+        """Called by ``LayerFreezing.attach`` with the other checks, before anything
+        changes: raise ``ValueError`` if this policy cannot work on ``context``.
+        Must leave the model, the optimizers and the policy as they were."""
+
     def bind(self, context: Context) -> None:
         """Called once by ``LayerFreezing.attach``, before any decision."""
         self.context = context

@@ -98,6 +98,11 @@ def _as_call(probe: Any) -> tuple[tuple, dict]:
     return (probe,), {}
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _slice_batch(args: tuple, kwargs: dict, limit: int) -> tuple[tuple, dict]:
     # Keep the first `limit` samples of every tensor whose first dimension is the
     # batch size (the first dimension of the first tensor); leave the rest whole.
@@ -199,28 +204,32 @@ class Convergence(Policy):
         self._told_unmeasured = False
 
     # -- probe -------------------------------------------------------------
+    def check(self, context: Context) -> None:
+        if self._given is None:
+            return
+        try:  # fail at attach, not at the first probe deep into training
+            self._measure(0, context, self._given_probe(context))
+        except Exception as error:
+            raise ValueError(
+                f"Convergence: the model cannot run on the given probe ({type(error).__name__}: {error}). "
+                "HINT: pass probe= a batch the model accepts (a tensor, a tuple of positional inputs or a "
+                "dict of keyword inputs), or leave it None to use the first training batch"
+            ) from error
+
     def bind(self, context: Context) -> None:
         super().bind(context)
         if self._given is not None:
-            device = self._device()
-            args, kwargs = _as_call(self._given)
-            args, kwargs = _slice_batch(args, kwargs, self.max_samples)
-            self._probe = _map_tensors((args, kwargs), lambda t: t.detach().to(device).clone())
-            try:  # fail now, not at the first probe deep into training
-                self._measure(0)
-            except Exception as error:
-                self._probe = None
-                raise ValueError(
-                    f"Convergence: the model cannot run on the given probe ({type(error).__name__}: {error}). "
-                    "HINT: pass probe= a batch the model accepts (a tensor, a tuple of positional inputs or a "
-                    "dict of keyword inputs), or leave it None to use the first training batch"
-                ) from error
+            self._probe = self._given_probe(context)
         elif self._probe is None:
             self._capture = context.model.register_forward_pre_hook(self._capture_first, with_kwargs=True)
 
+    def _given_probe(self, context: Context) -> tuple[tuple, dict]:
+        device = _device_of(context.model)
+        args, kwargs = _slice_batch(*_as_call(self._given), self.max_samples)
+        return _map_tensors((args, kwargs), lambda t: t.detach().to(device).clone())
+
     def _device(self) -> torch.device:
-        first = next(iter(self.context.model.parameters()), None)
-        return first.device if first is not None else torch.device("cpu")
+        return _device_of(self.context.model)
 
     def _capture_first(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         args, kwargs = _slice_batch(tuple(args), dict(kwargs), self.max_samples)
@@ -235,10 +244,12 @@ class Convergence(Policy):
     def release(self) -> None:
         self._stop_capture()
 
-    def _measure(self, depth: int) -> dict[str, Optional[torch.Tensor]]:
+    def _measure(self, depth: int, context: Optional[Context] = None,
+                 probe: Optional[tuple[tuple, dict]] = None) -> dict[str, Optional[torch.Tensor]]:
         """Centred Gram of each trainable layer's output on the probe; None if unmeasured."""
-        model = self.context.model
-        layers = list(self.context.layers)[depth:]
+        context = context or self.context
+        model = context.model
+        layers = list(context.layers)[depth:]
         grams: dict[str, Optional[torch.Tensor]] = {layer.name: None for layer in layers}
         by_module: dict[int, list[str]] = {}
         for layer in layers:
@@ -255,7 +266,7 @@ class Convergence(Policy):
         modes = [(m, m.training) for m in model.modules()]
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         cuda = sorted({t.device.index for t in model.parameters() if t.is_cuda and t.device.index is not None})
-        args, kwargs = self._probe
+        args, kwargs = probe or self._probe
         try:
             with torch.random.fork_rng(devices=cuda), torch.no_grad():
                 for module, _ in modes:

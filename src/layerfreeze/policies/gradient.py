@@ -106,8 +106,9 @@ class GradientChange(Policy):
             raise ValueError(f"percentile must be a number in [0, 100], got {percentile!r}")
         if 0.0 < percentile <= 1.0:
             log.warning(
-                "layerfreeze: GradientChange(percentile=%s) is a percentile in [0, 100], so it freezes only "
-                "layers below the %s-th percentile of the changes. HINT: for the median pass percentile=50.",
+                "layerfreeze: GradientChange(percentile=%s) is a percentile in [0, 100]: layers below the "
+                "%s-th percentile of the changes freeze. HINT: if you meant a fraction, pass it times 100 "
+                "(percentile=50 for the median).",
                 percentile, percentile,
             )
         self.every = every
