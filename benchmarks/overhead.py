@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layerfreeze as lf  # noqa: E402
-from _common import set_threads, table  # noqa: E402
+from _common import first_forward, set_threads, table  # noqa: E402
 
 
 def build(layers: int, optimizer: str) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -38,17 +38,6 @@ def build(layers: int, optimizer: str) -> tuple[nn.Module, torch.optim.Optimizer
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     return model, opt
-
-
-def first_forward(model: nn.Module) -> None:
-    """One training forward/backward after attach, as a training loop does before it freezes.
-
-    On a model that may use activation checkpointing, LayerFreezing watches the
-    first training forward and until then hooks frozen layers; the steady state of
-    a run is what is measured here.
-    """
-    model(torch.randn(2, 4)).sum().backward()
-    model.zero_grad(set_to_none=True)
 
 
 def per_call(fn: Callable[[], object], calls: int, repeats: int) -> float:
@@ -70,7 +59,7 @@ def change_costs(args: argparse.Namespace) -> list[list[str]]:
     rows = []
     model, opt = build(args.layers, args.optimizer)
     freezing = lf.LayerFreezing().attach(model, opt, total_steps=10**9)
-    first_forward(model)
+    first_forward(model, torch.randn(2, 4))
     last = args.layers - 1
 
     def timed(depth: int) -> float:
@@ -105,7 +94,7 @@ def step_costs(args: argparse.Namespace) -> list[list[str]]:
         model, opt = build(args.layers, args.optimizer)
         total = 10**9
         freezing = lf.LayerFreezing(**options).attach(model, opt, total_steps=total)
-        first_forward(model)
+        first_forward(model, torch.randn(2, 4))
         if hold is not None:
             # Start where the schedule asks for `hold` layers, with many steps before it asks for more.
             steps = int(hold / (args.layers - 1) * total) + 1
