@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from ..layers import _side_effect_free
 from .base import Context, Policy, Progress
 
 __all__ = ["Convergence", "centered_gram", "linear_cka", "METRICS"]
@@ -264,11 +265,10 @@ class Convergence(Policy):
         modules = {id(layer.module): layer.module for layer in layers}
         handles = [m.register_forward_hook(record) for m in modules.values()]
         modes = [(m, m.training) for m in model.modules()]
-        buffers = [(b, b.detach().clone()) for b in model.buffers()]
         cuda = sorted({t.device.index for t in model.parameters() if t.is_cuda and t.device.index is not None})
         args, kwargs = probe or self._probe
         try:
-            with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            with torch.random.fork_rng(devices=cuda), _side_effect_free(model):
                 for module, _ in modes:
                     module.training = False  # eval without calling train(): no side effects
                 model(*args, **kwargs)
@@ -277,9 +277,6 @@ class Convergence(Policy):
                 handle.remove()
             for module, mode in modes:
                 module.training = mode
-            with torch.no_grad():
-                for buffer, copy in buffers:
-                    buffer.copy_(copy)
         return grams
 
     # -- decisions ---------------------------------------------------------
