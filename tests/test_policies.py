@@ -149,12 +149,16 @@ def test_state_dict_round_trips_into_a_fresh_policy(policy):
     assert same(state, again)
 
 
-@pytest.mark.parametrize("policy", ["freezeout", "gradient", "convergence"])
-def test_malformed_policy_state_is_refused(policy):
+@pytest.mark.parametrize("policy, message", [
+    ("freezeout", r"state_dict\.policy is not from FreezeOut\.state_dict\(\): missing key 'step'"),
+    ("gradient", r"state_dict\.policy is not from GradientChange\.state_dict\(\): missing key 'count'"),
+    ("convergence", r"state_dict\.policy is not from Convergence\.state_dict\(\): missing key 'probe'"),
+])
+def test_malformed_policy_state_is_refused(policy, message):
     _, _, freezing = build("mlp", policy, "step")
     state = freezing.state_dict()
     state["policy"] = {"nonsense": 1}
-    with pytest.raises(ValueError, match="state must"):
+    with pytest.raises(ValueError, match=message):
         freezing.load_state_dict(state)
 
 
