@@ -154,6 +154,111 @@ def test_max_changes_below_the_recompile_limit_keeps_every_frozen_set_compiled()
     assert counter.frame_count == limit
 
 
+class Reordered(nn.Module):
+    """Five layers defined 0..4 and run 3, 1, 4, 0, 2: execution order differs from definition order."""
+
+    run_order = (3, 1, 4, 0, 2)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index in self.run_order:
+            x = torch.tanh(self.layers[index](x))
+        return x
+
+
+def hooks_left(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled_how", ["torch.compile", "module.compile"])
+def test_execution_order_traced_when_the_first_forward_is_compiled_fullgraph(compiled_how):
+    # No example_inputs: the tracer's hooks meet dynamo in the first forward. Under fullgraph=True
+    # they must not break the graph (removing a hook there is dynamo's "unregistered
+    # RemovableHandle" error); the compiled call is replayed eagerly to get the order, and the
+    # hooks leave at the first freeze, when dynamo recompiles anyway: one graph per frozen set.
+    results = []
+    for compiled in (True, False):
+        model = Reordered()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        freezing = lf.LayerFreezing(freeze_start=0.0, interval="step", order="execution")
+        freezing.attach(model, opt, total_steps=8)
+        counter = CompileCounter()
+        run = model
+        if compiled and compiled_how == "torch.compile":
+            run = torch.compile(model, backend=counter, fullgraph=True)
+        elif compiled:
+            model.compile(backend=counter, fullgraph=True)
+        depths = train(model, opt, freezing, run, steps=8)
+        assert [layer.name for layer in freezing.layers] == [
+            "layers.3", "layers.1", "layers.4", "layers.0", "layers.2"]
+        assert freezing.frozen_parameters == sorted(
+            f"layers.{i}.{kind}" for i in (3, 1, 4, 0) for kind in ("weight", "bias"))
+        assert hooks_left(model) == 0
+        results.append((depths, counter.frame_count, model.state_dict()))
+    (depths, graphs, state), (eager_depths, eager_graphs, eager_state) = results
+    assert depths == eager_depths == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert graphs == 4 and eager_graphs == 0
+    for name in state:
+        assert torch.equal(state[name], eager_state[name]), name
+
+
+@pytest.mark.slow
+def test_execution_order_traced_when_only_a_submodule_is_compiled():
+    # The root forward runs eagerly but its first part is compiled: the eager hooks see only
+    # the last layer, so that pass cannot fix the order; the replay traces all six.
+    model = nn.Sequential(Reordered(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezing = lf.LayerFreezing(freeze_start=0.0, interval="step", order="execution")
+    freezing.attach(model, opt, total_steps=10)
+    counter = CompileCounter()
+    model[0].compile(backend=counter, fullgraph=True)
+    depths = train(model, opt, freezing, model, steps=10)
+    assert [layer.name for layer in freezing.layers] == [
+        "0.layers.3", "0.layers.1", "0.layers.4", "0.layers.0", "0.layers.2", "1"]
+    assert depths == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert counter.frame_count == 5
+    assert hooks_left(model) == 0
+
+
+def test_execution_trace_from_a_compiled_forward_leaves_buffers_as_they_were():
+    # The eager replay of a compiled forward runs under no_grad with buffers restored, like
+    # example_inputs: BatchNorm statistics move once per training forward, not twice.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    twin = copy.deepcopy(model)
+    x = torch.randn(6, 4)
+    for net, run in ((model, torch.compile(model, backend=CompileCounter(), fullgraph=True)), (twin, twin)):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        freezing = lf.LayerFreezing(freeze_start=0.0, interval="step", order="execution")
+        freezing.attach(net, opt, total_steps=4)
+        run(x).sum().backward()
+        opt.step()
+        freezing.step()
+        assert [layer.name for layer in freezing.layers] == ["0", "1", "2"]
+    assert int(model[1].num_batches_tracked) == int(twin[1].num_batches_tracked) == 1
+    torch.testing.assert_close(model.state_dict(), twin.state_dict(), rtol=0, atol=0)
+
+
+def test_example_inputs_are_traced_and_counted_eagerly_on_a_model_compiled_in_place():
+    # module.compile() routes every call through dynamo; the trace and the FLOP count must still
+    # see each layer's own forward (a compiled pass runs the hooks only while tracing).
+    model, plain = Reordered(), Reordered()
+    counter = CompileCounter()
+    model.compile(backend=counter, fullgraph=True)
+    x = torch.randn(3, 4)
+    assert [layer.name for layer in lf.execution_order(model, lambda m: m(x))] == [
+        "layers.3", "layers.1", "layers.4", "layers.0", "layers.2"]
+    # 2 * batch 3 * 4 inputs * 4 outputs per Linear, as for the same model not compiled
+    assert lf.layer_flops(model, lf.definition_order(model), lambda m: m(x)) == [96] * 5
+    assert lf.layer_flops(plain, lf.definition_order(plain), lambda m: m(x)) == [96] * 5
+    assert counter.frame_count == 0 and hooks_left(model) == 0
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("LAYERFREEZE_TEST_INDUCTOR") != "1",

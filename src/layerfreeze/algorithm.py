@@ -136,6 +136,7 @@ class LayerFreezing:
         self._attached = False
         self._pending_state: Optional[FreezingState] = None
         self._tracer: Optional[ExecutionTracer] = None
+        self._traced_hooks: Optional[ExecutionTracer] = None  # a resolved tracer whose hooks compiled code inlined
         self._freezer: Optional[Freezer] = None
         self._wrapper: Optional[nn.Module] = None
         self._bridge: Optional[GradientBridge] = None
@@ -247,9 +248,10 @@ class LayerFreezing:
 
     def detach(self) -> None:
         """Unfreeze everything this object froze and remove its hooks."""
-        if self._tracer is not None:
-            self._tracer.remove()
-            self._tracer = None
+        for tracer in (self._tracer, self._traced_hooks):
+            if tracer is not None:
+                tracer.remove()
+        self._tracer = self._traced_hooks = None
         if self._freezer is not None:
             self._freezer.release()
             distributed.on_trainable_change(self._wrapper)
@@ -462,9 +464,9 @@ class LayerFreezing:
 
     def _resolve_layers(self) -> None:
         tracer = self._tracer
-        if tracer is not None and tracer.done:
-            layers = tracer.order()
-            self._tracer = None
+        layers = tracer.resolve(self._wrapper) if tracer is not None else None
+        if layers is not None:
+            self._tracer, self._traced_hooks = None, tracer
             self._freezer.layers = layers
             self._context.layers = layers
 
@@ -494,6 +496,9 @@ class LayerFreezing:
                 )
         before = self._freezer.depth
         if self._freezer.apply(depth):
+            if self._traced_hooks is not None:
+                self._traced_hooks.remove()  # dynamo recompiles for the new frozen set anyway
+                self._traced_hooks = None
             self._bridge.update(self._freezer.layers[:depth])
             self._changes += 1
             distributed.on_trainable_change(self._wrapper)
