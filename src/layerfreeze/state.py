@@ -87,7 +87,7 @@ def field_names(value: Any, path: str) -> tuple[str, ...]:
 def field_name_map(
     value: Any, path: str, check: Callable[[Any, str], T], *, optional: bool = False
 ) -> Optional[dict[str, T]]:
-    """A dict from names (str) to values each passing ``check(value, path.name)``; None if ``optional``."""
+    """A dict from names (str) to values each passing ``check(value, "path[name]")``; None if ``optional``."""
     if optional and value is None:
         return None
     if not isinstance(value, Mapping):
@@ -97,7 +97,7 @@ def field_name_map(
     for key, item in value.items():
         if not isinstance(key, str):
             raise ValueError(f"{path} must have names (str) as keys, got {_shown(key)}")
-        out[str(key)] = check(item, f"{path}.{key}")
+        out[str(key)] = check(item, f"{path}[{key!r}]")
     return out
 
 

@@ -26,6 +26,8 @@ import math
 import numbers
 from typing import Optional, Sequence
 
+import numpy as np
+
 __all__ = ["is_int", "is_real", "check_int", "check_number", "check_choice", "check_bool", "interval_text"]
 
 
@@ -41,7 +43,7 @@ def is_real(value: object) -> bool:
 
 def _is_bool(value: object) -> bool:
     # numpy's bool_ is neither a bool nor a numbers.Integral, but reads as one.
-    return isinstance(value, bool) or type(value).__name__ == "bool_"
+    return isinstance(value, (bool, np.bool_))
 
 
 def interval_text(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> str:
