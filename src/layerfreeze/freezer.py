@@ -100,11 +100,30 @@ def sync_optimizer(optimizer: torch.optim.Optimizer) -> None:
     at its first step. ZeroRedundancyOptimizer follows in
     :func:`layerfreeze.distributed.sync_zero`.
     """
+    if isinstance(optimizer, torch.optim.SGD):
+        _fill_fused_momentum(optimizer)
     if isinstance(optimizer, torch.optim.LBFGS):
         optimizer._params = optimizer.param_groups[0]["params"]
         optimizer._numel_cache = None
         optimizer.state.clear()
     distributed.sync_zero(optimizer)
+
+
+def _fill_fused_momentum(optimizer: torch.optim.SGD) -> None:
+    # Fused SGD treats a group's momentum buffers all-or-nothing: a parameter
+    # thawed back into a group whose others have buffers makes its kernel fail
+    # ("expected Tensor ... but got NoneType"). A zero buffer gives the first
+    # step torch's own first-step result (buffer = gradient) exactly when
+    # dampening is 0, the default; with dampening d the thawed parameter's first
+    # step takes (1 - d) of its gradient, as every later step does.
+    for group in optimizer.param_groups:
+        if not group.get("fused") or not group.get("momentum"):
+            continue
+        buffers = [optimizer.state.get(p, {}).get("momentum_buffer") for p in group["params"]]
+        if any(b is None for b in buffers) and any(b is not None for b in buffers):
+            for p, buffer in zip(group["params"], buffers):
+                if buffer is None:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 class _EvalPin:
@@ -207,6 +226,7 @@ class Freezer:
         self._original_requires_grad = {n: p.requires_grad for n, p in self._by_name.items()}
         self._trainable = {n for n, flag in self._original_requires_grad.items() if flag}
         self._kept_last_warned = False
+        self._emptied_hinted: set[int] = set()
         # Original order of every group (with torch's param_names, where the
         # optimizer was built from named_parameters()), to put unfrozen parameters
         # back in place.
@@ -271,6 +291,8 @@ class Freezer:
         if to_thaw:
             self._thaw(to_thaw)
         freeze_parameters(iter_unique(to_freeze), self.optimizers)
+        if to_freeze:
+            self._hint_emptied()
         self._frozen = set(target)
         self.depth = depth
         self._update_batchnorm()
@@ -295,6 +317,18 @@ class Freezer:
                 changed = True
             if changed:
                 sync_optimizer(opt)
+
+    def _hint_emptied(self) -> None:
+        for index, (opt, original) in enumerate(zip(self.optimizers, self._original_groups)):
+            if index in self._emptied_hinted or not any(original) or any(g["params"] for g in opt.param_groups):
+                continue
+            self._emptied_hinted.add(index)
+            log.warning(
+                "layerfreeze: optimizers[%d] (%s) holds no parameters now; its step() does nothing. "
+                "HINT: with torch.amp.GradScaler, skip scaler.step() for an optimizer without parameters "
+                "(if any(g['params'] for g in opt.param_groups): scaler.step(opt)); GradScaler raises "
+                "'No inf checks were recorded for this optimizer' otherwise", index, type(opt).__name__,
+            )
 
     def _update_batchnorm(self) -> None:
         for module in self._pinned:
@@ -356,7 +390,43 @@ def validate_optimizers(model: nn.Module, optimizers: object) -> list[torch.opti
                 f"optimizers[{index}] ({type(optimizer).__name__}) holds none of the model's "
                 "parameters; pass the optimizer that trains this model"
             )
+        _check_references(optimizer, index, model_ids)
     return optimizer_list
+
+
+def _check_references(optimizer: torch.optim.Optimizer, index: int, model_ids: set[int]) -> None:
+    # Freezing edits the groups of the optimizer it is given. A wrapper whose inner
+    # optimizer has groups of its own (not the same list) would keep training
+    # frozen parameters; ZeroRedundancyOptimizer is such a wrapper and is followed
+    # (distributed.sync_zero). Wrappers that share their inner optimizer's groups
+    # (Lightning's LightningOptimizer, PostLocalSGDOptimizer, accelerate's) are fine.
+    if distributed.is_zero(optimizer):
+        return
+    groups = optimizer.param_groups
+    group_lists = {id(g["params"]) for g in groups}
+    for attribute, value in vars(optimizer).items():
+        if isinstance(value, torch.optim.Optimizer) and value is not optimizer:
+            if value.param_groups is not groups and any(
+                id(p) in model_ids for g in value.param_groups for p in g["params"]
+            ):
+                raise ValueError(
+                    f"optimizers[{index}] ({type(optimizer).__name__}) wraps another optimizer "
+                    f"(.{attribute}, {type(value).__name__}) with param groups of its own; freezing edits "
+                    "the groups of the optimizer it is given, so the inner one would keep updating frozen "
+                    f"parameters. HINT: pass the inner optimizer (optimizer.{attribute}) to LayerFreezing, "
+                    "or make the wrapper share its param_groups list"
+                )
+        elif (
+            isinstance(value, (list, tuple)) and id(value) not in group_lists
+            and any(isinstance(v, torch.Tensor) and id(v) in model_ids for v in value)
+        ):
+            log.warning(
+                "layerfreeze: optimizers[%d] (%s) keeps parameters in .%s besides its param groups; "
+                "freezing removes parameters from the groups only, so if it updates from .%s, frozen "
+                "weights may still move. HINT: have the optimizer read its parameters from param_groups at "
+                "each step, as torch's optimizers do",
+                index, type(optimizer).__name__, attribute, attribute,
+            )
 
 
 def validate_model(model: object) -> nn.Module:
