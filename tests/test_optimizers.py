@@ -435,3 +435,107 @@ def test_lr_schedulers_give_the_same_rates_through_freezes_and_unfreezes(name):
         return rates
 
     assert run(freeze=True) == run(freeze=False)
+
+
+# -- wrappers: DeepSpeed refused, wrappers with groups of their own refused -----------------
+def _stand_in(name: str, module: str, base: type = object) -> type:
+    # DeepSpeed is never imported: detection goes by class name, as these stand-ins have.
+    return type(name, (base,), {"__module__": module})
+
+
+def _untouched(model: nn.Module, opt: torch.optim.Optimizer, count: int) -> None:
+    assert all(p.requires_grad for p in model.parameters())
+    assert len(opt.param_groups[0]["params"]) == count
+
+
+def test_deepspeed_engine_is_refused_at_attach():
+    Engine = _stand_in("DeepSpeedEngine", "deepspeed.runtime.engine", nn.Module)
+    Pipeline = _stand_in("PipelineEngine", "deepspeed.runtime.pipe.engine", Engine)
+    for cls in (Engine, Pipeline):
+        engine = cls()
+        engine.module = _model("mlp")
+        opt = O.SGD(engine.parameters(), lr=0.1)
+        with pytest.raises(ValueError, match=rf"model is a DeepSpeed engine \({cls.__name__}\): DeepSpeed fixes the "
+                           r"trainable parameters at deepspeed.initialize.*#5639.*HINT: train with "
+                           r"DistributedDataParallel, FSDP2"):
+            lf.LayerFreezing().attach(engine, opt, total_steps=10)
+        _untouched(engine, opt, 8)
+        with pytest.raises(ValueError, match="DeepSpeed engine"):
+            lf.freeze_layers(engine, opt, current_duration=1.0)
+        _untouched(engine, opt, 8)
+
+
+def test_deepspeed_optimizer_and_zero3_parameters_are_refused_at_attach():
+    model = _model("mlp")
+    opt = O.SGD(model.parameters(), lr=0.1)
+    ZeroOptimizer = _stand_in("DeepSpeedZeroOptimizer", "deepspeed.runtime.zero.stage_1_and_2",
+                              _stand_in("ZeROOptimizer", "deepspeed.runtime.base_optimizer"))
+    BF16 = _stand_in("BF16_Optimizer", "deepspeed.runtime.bf16_optimizer")
+    for wrapper in (ZeroOptimizer(), BF16()):
+        with pytest.raises(TypeError, match=rf"optimizers\[1\] is a DeepSpeed optimizer \({type(wrapper).__name__}\)"
+                           r".*HINT: train with DistributedDataParallel"):
+            lf.LayerFreezing().attach(model, [opt, wrapper], total_steps=10)
+    model[0].weight.ds_id = 0  # what ZeRO-3 sets on every parameter it partitions
+    with pytest.raises(ValueError, match=r"parameter '0.weight' is partitioned by DeepSpeed ZeRO-3 \(it has ds_id\)"):
+        lf.LayerFreezing().attach(model, opt, total_steps=10)
+    _untouched(model, opt, 8)
+
+
+def test_a_wrapper_with_param_groups_of_its_own_is_refused_and_one_that_shares_them_is_not():
+    class Averaging(O.Optimizer):  # keeps a separate inner optimizer, as ZeRO does
+        def __init__(self, params):
+            params = list(params)
+            super().__init__(params, {})
+            self.inner = O.SGD(params, lr=0.1)
+
+    class Sharing(O.Optimizer):  # shares its inner optimizer's groups (LightningOptimizer, PostLocalSGD)
+        def __init__(self, inner):
+            self.inner = inner
+            self.param_groups = inner.param_groups
+            self.state = inner.state
+            self.defaults = inner.defaults
+
+    model = _model("mlp")
+    opt = Averaging(model.parameters())
+    with pytest.raises(ValueError, match=r"optimizers\[0\] \(Averaging\) wraps another optimizer \(.inner, SGD\) "
+                       r"with param groups of its own.*HINT: pass the inner optimizer \(optimizer.inner\)"):
+        lf.LayerFreezing().attach(model, opt, total_steps=10)
+    _untouched(model, opt.inner, 8)
+    sharing = Sharing(O.SGD(model.parameters(), lr=0.1))
+    freezing = lf.LayerFreezing().attach(model, sharing, total_steps=10)
+    freezing.set_depth(1)
+    assert sharing.inner.param_groups[0]["params"] == list(model[2:].parameters())
+
+
+def test_an_optimizer_keeping_its_own_parameter_list_is_warned_about(caplog):
+    class Listing(O.SGD):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            self.everything = [p for g in self.param_groups for p in g["params"]]
+
+    model = _model("mlp")
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        lf.LayerFreezing().attach(model, Listing(model.parameters(), lr=0.1), total_steps=10)
+    assert "optimizers[0] (Listing) keeps parameters in .everything besides its param groups" in caplog.text
+    assert "HINT" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="layerfreeze"):  # LBFGS's _params is its group's own list
+        lf.LayerFreezing().attach(model, O.LBFGS(model.parameters()), total_steps=10)
+    assert "besides its param groups" not in caplog.text
+
+
+def test_named_optimizer_keys_state_by_the_right_names():
+    from torch.distributed.optim import _NamedOptimizer
+
+    model = _model("mlp")
+    opt = _NamedOptimizer(model.named_parameters(), O.Adam, lr=0.01)
+    freezing = lf.LayerFreezing().attach(model, opt, total_steps=10)
+    model(_batch("mlp", 0)).sum().backward()
+    opt.step()
+    freezing.set_depth(1)
+    state = opt.state_dict()
+    assert sorted(state["state"]) == ["2.bias", "2.weight", "4.bias", "4.weight", "6.bias", "6.weight"]
+    assert state["state"]["2.weight"]["exp_avg"] is opt.state[model[2].weight]["exp_avg"]
+    freezing.set_depth(0)
+    assert opt.ordered_param_keys == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias",
+                                      "6.weight", "6.bias"]

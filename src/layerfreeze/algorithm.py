@@ -249,7 +249,7 @@ class LayerFreezing:
             self.policy._layerfreeze_bound_to = id(self)
             self._load_hooks = [
                 opt.register_load_state_dict_pre_hook(_check_group_sizes)
-                for opt in optimizer_list if hasattr(opt, "register_load_state_dict_pre_hook")
+                for opt in optimizer_list if hasattr(opt, "_optimizer_load_state_dict_pre_hooks")
             ]
             # Reentrant activation checkpointing after frozen layers (checkpointing.py, issue 6 item 7).
             self._bridge = checkpointing.GradientBridge(inner, layers)

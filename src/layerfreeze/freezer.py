@@ -102,6 +102,12 @@ def sync_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """
     if isinstance(optimizer, torch.optim.SGD):
         _fill_fused_momentum(optimizer)
+    if isinstance(getattr(optimizer, "ordered_param_keys", None), list) and isinstance(
+        getattr(optimizer, "named_parameters", None), dict
+    ):
+        # torch.distributed.optim._NamedOptimizer names its state by position in this list.
+        names = {id(p): name for name, p in optimizer.named_parameters.items()}
+        optimizer.ordered_param_keys[:] = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     if isinstance(optimizer, torch.optim.LBFGS):
         optimizer._params = optimizer.param_groups[0]["params"]
         optimizer._numel_cache = None
