@@ -29,11 +29,39 @@ BATCHNORM_MODES = ("train", "eval")
 SHARED_RULES = ("freeze", "trainable")
 
 
-def names_for_depth(layers: Sequence[Layer], depth: int, shared: str = "freeze") -> set[str]:
-    """Parameter names frozen when the first ``depth`` of ``layers`` are frozen, under the ``shared`` rule."""
+def names_for_depth(
+    layers: Sequence[Layer], depth: int, shared: str = "freeze", *, keep_trainable: Optional[Iterable[str]] = None
+) -> set[str]:
+    """The one rule for which parameters a depth freezes, used by ``freeze_layers`` and ``LayerFreezing`` alike.
+
+    The parameters of the first ``depth`` layers, by canonical name. A parameter
+    held by several layers (tied weights) follows ``shared``: ``"freeze"``
+    (Composer) freezes it with the first frozen layer holding it; ``"trainable"``
+    keeps it trainable while any layer after the prefix holds it.
+
+    ``keep_trainable``: the names trainable before freezing. When given and the
+    prefix would freeze every one of them (a last layer whose only weight is tied
+    to a frozen embedding, as in GPT-style models), the last layer's parameters
+    stay trainable: with nothing left to train the next backward would fail and
+    DDP could not keep a reducer. ``LayerFreezing`` passes it; ``freeze_layers``,
+    Composer's function, does not, and freezes them as Composer does.
+
+    Example:
+        >>> from layerfreeze.layers import definition_order
+        >>> net = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 3), nn.Linear(3, 5, bias=False))
+        >>> net[2].weight = net[0].weight  # tied
+        >>> sorted(names_for_depth(definition_order(net), 2))
+        ['0.weight', '1.bias', '1.weight']
+        >>> sorted(names_for_depth(definition_order(net), 2, keep_trainable=["0.weight", "1.weight", "1.bias"]))
+        ['1.bias', '1.weight']
+    """
     frozen = {n for layer in layers[:depth] for n in layer.param_names}
     if shared == "trainable":
         frozen -= {n for layer in layers[depth:] for n in layer.param_names}
+    if keep_trainable is not None and depth and layers:
+        trainable = set(keep_trainable)
+        if trainable and trainable <= frozen:
+            frozen -= set(layers[-1].param_names)
     return frozen
 
 
@@ -260,16 +288,13 @@ class Freezer:
     def names_for_depth(self, depth: int, layers: Optional[Sequence[Layer]] = None) -> set[str]:
         """Parameter names frozen when the first ``depth`` layers (default: this freezer's) are frozen.
 
-        Should that cover every parameter trainable at construction (a last layer
-        whose only weight is tied to a frozen embedding, as in GPT-style models),
-        the last layer's parameters stay trainable: with nothing left to train the
-        next backward would fail and DDP could not keep a reducer. Composer freezes
-        them too and leaves nothing.
+        :func:`names_for_depth` with this freezer's ``shared`` rule, keeping the last
+        layer trainable should the prefix cover every parameter trainable at
+        construction (and saying so once).
         """
         layers = self.layers if layers is None else layers
-        frozen = names_for_depth(layers, depth, self.shared)
-        if depth and layers and self._trainable and self._trainable <= frozen:
-            frozen -= set(layers[-1].param_names)
+        frozen = names_for_depth(layers, depth, self.shared, keep_trainable=self._trainable)
+        if frozen != names_for_depth(layers, depth, self.shared):
             if not self._kept_last_warned:
                 self._kept_last_warned = True
                 log.warning(
@@ -444,18 +469,3 @@ def validate_model(model: object) -> nn.Module:
     if not any(True for _ in inner.parameters()):
         raise ValueError(f"model must have at least one parameter; {type(inner).__name__} has none")
     return inner
-
-
-def summarize(names: Iterable[str], limit: int = 5) -> str:
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        accepted = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
-    return value  # type: ignore[return-value]
-
-
