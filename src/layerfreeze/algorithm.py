@@ -227,7 +227,7 @@ class LayerFreezing:
             _POLICY_OWNERS[id(self.policy)] = self
             self._load_hooks = [
                 opt.register_load_state_dict_pre_hook(hints.check_group_sizes)
-                for opt in optimizer_list if hasattr(opt, "register_load_state_dict_pre_hook")
+                for opt in optimizer_list if hasattr(opt, "_optimizer_load_state_dict_pre_hooks")
             ]
             # Reentrant activation checkpointing after frozen layers (gradient_bridge.py, issue 6 item 7).
             self._bridge = GradientBridge(inner, layers)
