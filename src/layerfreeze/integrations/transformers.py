@@ -112,6 +112,7 @@ class LayerFreezingCallback(TrainerCallback):
         self._trainer: Optional[Trainer] = None
         self._attached = False
         self._logged_depth = 0  # the depth in the last row this callback logged
+        self._logged_step = -1  # and the step it was logged at
         self._log_pending = False  # log after the Trainer's row of this step
         self._logging = False
 
@@ -164,7 +165,7 @@ class LayerFreezingCallback(TrainerCallback):
             # flag and the Trainer's own row (loss, learning rate) would be lost.
             self._log_pending = True
         elif self.freezing.frozen_depth != self._logged_depth:
-            self._log()
+            self._log(state.global_step)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if control.should_log:  # logging_strategy="epoch"
@@ -173,16 +174,17 @@ class LayerFreezingCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._log_pending and not self._logging:
             self._log_pending = False
-            self._log()
+            if (state.global_step, self.freezing.frozen_depth) != (self._logged_step, self._logged_depth):
+                self._log(state.global_step)  # once a step: a change may have been logged already
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if state.is_world_process_zero and self._attached and os.path.isdir(folder):
             torch.save(self.freezing.state_dict(), os.path.join(folder, STATE_FILE))
 
-    def _log(self) -> None:
+    def _log(self, step: int) -> None:
         metrics = self.freezing.metrics
-        self._logged_depth = self.freezing.frozen_depth
+        self._logged_depth, self._logged_step = self.freezing.frozen_depth, step
         self._logging = True
         try:
             self._trainer.log({key: float(value) for key, value in metrics.items()})
