@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import distributed, hints
+from . import distributed, hints, recompiles
 from .freezer import BATCHNORM_MODES, SHARED_RULES, Freezer, validate_model, validate_optimizers
 from .gradient_bridge import GradientBridge
 from .hints import summarize
@@ -86,7 +86,8 @@ class LayerFreezing:
         measure: ``"layers"`` or ``"flops"`` (cost-aware: the fraction counts forward
             FLOPs; needs ``example_inputs`` at attach).
         max_changes: at most this many changes of the frozen set (bounds
-            ``torch.compile`` recompilations); None for no bound.
+            ``torch.compile`` recompilations: a graph per frozen set in training, one
+            more per frozen set where the compiled model also evaluates); None for no bound.
         log_fn: called with a dict of metrics at every decision, for a trainer's logger.
 
     Example:
@@ -226,7 +227,7 @@ class LayerFreezing:
             _POLICY_OWNERS[id(self.policy)] = self
             self._load_hooks = [
                 opt.register_load_state_dict_pre_hook(hints.check_group_sizes)
-                for opt in optimizer_list if hasattr(opt, "register_load_state_dict_pre_hook")
+                for opt in optimizer_list if hasattr(opt, "_optimizer_load_state_dict_pre_hooks")
             ]
             # Reentrant activation checkpointing after frozen layers (gradient_bridge.py, issue 6 item 7).
             self._bridge = GradientBridge(inner, layers)
@@ -235,6 +236,8 @@ class LayerFreezing:
             self.detach()  # undo what this attach changed before it failed
             raise
         hints.warn_one_epoch(self.interval, self.steps_per_epoch, self.total_steps)
+        recompiles.warn_recompile_limit(
+            model, len(layers), self.max_changes, self.interval, total_steps, steps_per_epoch)
         for message in self.policy.hints(self._context):
             log.warning("layerfreeze: %s", message)
         if self._pending_state is not None:
