@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 from typing import Any, Callable
 
 import pytest
@@ -24,6 +25,8 @@ from layerfreeze import distributed
 
 O = torch.optim
 CUDA = torch.cuda.is_available()
+# LAYERFREEZE_TEST_DEVICE=cuda runs every configuration on the GPU (fused and foreach CUDA kernels).
+ALL_ON_CUDA = CUDA and os.environ.get("LAYERFREEZE_TEST_DEVICE") == "cuda"
 
 # name -> (factory of the optimizers for a model, needs CUDA)
 Factory = Callable[[nn.Module], list[torch.optim.Optimizer]]
@@ -103,7 +106,7 @@ def _batch(name: str, step: int) -> torch.Tensor:
 
 
 def _device(name: str) -> torch.device:
-    return torch.device("cuda" if CONFIGS[name][1] else "cpu")
+    return torch.device("cuda" if CONFIGS[name][1] or ALL_ON_CUDA else "cpu")
 
 
 def _build(name: str) -> tuple[nn.Module, list[torch.optim.Optimizer], lf.LayerFreezing]:
@@ -539,3 +542,30 @@ def test_named_optimizer_keys_state_by_the_right_names():
     freezing.set_depth(0)
     assert opt.ordered_param_keys == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias",
                                       "6.weight", "6.bias"]
+
+
+def test_lightning_and_accelerate_wrappers_share_their_groups_and_freeze_the_inner_optimizer():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
+    model = _model("mlp")
+    inner = O.Adam(model.parameters(), lr=0.01)
+    wrapped = [LightningOptimizer(inner)]
+    accelerator = accelerate.Accelerator(cpu=True)
+    try:
+        other_inner = O.Adam(model.parameters(), lr=0.01)
+        wrapped.append(accelerator.prepare_optimizer(other_inner))
+        for wrapper, opt in zip(wrapped, (inner, other_inner)):
+            freezing = lf.LayerFreezing().attach(model, wrapper, total_steps=10)
+            model(_batch("mlp", 0)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            freezing.set_depth(1)
+            assert opt.param_groups[0]["params"] == list(model[2:].parameters())
+            assert {id(p) for p in opt.state} == {id(p) for p in model[2:].parameters()}
+            assert sorted(wrapper.state_dict()["state"]) == list(range(6))
+            freezing.detach()
+    finally:
+        AcceleratorState._reset_state(True)
