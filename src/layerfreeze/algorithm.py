@@ -600,7 +600,7 @@ class LayerFreezing:
         depth = min(max(int(depth), 0), limit)
         if self.policy.monotone:
             depth = max(depth, self._freezer.depth)
-        self._fraction = fraction
+        self._fraction = float(fraction)  # plain data in state_dict, whatever number type a policy returns
         if depth != self._freezer.depth:
             if self.max_changes is not None and self._changes >= self.max_changes:
                 log.debug("layerfreeze: max_changes=%d reached; keeping depth %d", self.max_changes, self.frozen_depth)
