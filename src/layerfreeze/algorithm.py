@@ -28,7 +28,7 @@ from .hints import summarize
 from .layers import UNITS, ExecutionTracer, Layer, definition_order, execution_order, layer_flops
 from .policies import Context, Linear, Policy, Progress
 from .state import FreezingState
-from .validation import check_choice, check_int, is_int
+from .validation import check_choice, check_int, is_int, is_real
 
 __all__ = ["LayerFreezing", "LAYERS_FROZEN", "PERCENTAGE_FROZEN", "PARAMS_FROZEN"]
 
@@ -119,10 +119,14 @@ class LayerFreezing:
         else:
             if not isinstance(policy, Policy):
                 raise TypeError(f"policy must be a layerfreeze.policies.Policy, got {type(policy).__name__}")
-            if (freeze_start, freeze_level, measure) != (0.5, 1.0, "layers"):
+            given = [name for name, value, default in (("freeze_start", freeze_start, 0.5),
+                                                        ("freeze_level", freeze_level, 1.0),
+                                                        ("measure", measure, "layers"))
+                     if not (is_real(value) if is_real(default) else isinstance(value, str)) or value != default]
+            if given:
                 raise ValueError(
-                    "pass either policy=... or freeze_start/freeze_level/measure, not both; "
-                    "set the schedule on the policy itself"
+                    f"pass either policy=... or freeze_start/freeze_level/measure, not both (got {', '.join(given)} "
+                    "beside policy); set the schedule on the policy itself"
                 )
         self.interval = check_choice("interval", interval, INTERVALS)
         self.order = check_choice("order", order, ORDERS)
