@@ -129,10 +129,14 @@ class LayerFreezing:
         else:
             if not isinstance(policy, Policy):
                 raise TypeError(f"policy must be a layerfreeze.policies.Policy, got {type(policy).__name__}")
-            if (freeze_start, freeze_level, measure) != (0.5, 1.0, "layers"):
+            given = [name for name, value, default in (("freeze_start", freeze_start, 0.5),
+                                                        ("freeze_level", freeze_level, 1.0),
+                                                        ("measure", measure, "layers"))
+                     if not (is_real(value) if is_real(default) else isinstance(value, str)) or value != default]
+            if given:
                 raise ValueError(
-                    "pass either policy=... or freeze_start/freeze_level/measure, not both; "
-                    "set the schedule on the policy itself"
+                    f"pass either policy=... or freeze_start/freeze_level/measure, not both (got {', '.join(given)} "
+                    "beside policy); set the schedule on the policy itself"
                 )
         self.interval = check_choice("interval", interval, INTERVALS)
         self.order = check_choice("order", order, ORDERS)
