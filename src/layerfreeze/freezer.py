@@ -338,6 +338,7 @@ class Freezer:
         unknown = sorted(target - self._by_name.keys())
         if unknown:
             raise KeyError(f"no parameter named {unknown[0]!r} in the model")
+        self._note_new_groups()
         to_freeze = [self._by_name[n] for n in sorted(target - self._frozen)]
         to_thaw = [n for n in sorted(self._frozen - target)]
         changed = bool(to_freeze or to_thaw) or depth != self.depth
@@ -351,6 +352,12 @@ class Freezer:
         self._update_batchnorm()
         self._update_attention()
         return changed
+
+    def _note_new_groups(self) -> None:
+        # Groups added since construction (optimizer.add_param_group, as fine-tuning
+        # recipes do) hold no frozen parameter yet: their order now is their original.
+        for opt, original_groups in zip(self.optimizers, self._original_groups):
+            original_groups.extend(_pairs(g) for g in opt.param_groups[len(original_groups):])
 
     def _thaw(self, names: Sequence[str]) -> None:
         params = [self._by_name[n] for n in names]
