@@ -109,6 +109,8 @@ def test_layerfreezing_accepts_numpy_scalars_as_python_values():
      r"interval must be one of 'epoch', 'step', got array\(\['epoch'\], dtype='<U5'\)"),
     (lambda: lf.LayerFreezing(max_changes=np.array([3])), ValueError,
      r"max_changes must be a positive int or None, got array\(\[3\]\)"),
+    (lambda: lf.LayerFreezing(policy=Linear(), freeze_start=np.array([0.1, 0.2])), ValueError,
+     r"pass either policy=\.\.\. or freeze_start/freeze_level/measure, not both \(got freeze_start beside policy\)"),
     (lambda: FreezeOut(t0=np.array([0.5, 0.6])), TypeError, r"t0 must be a number in \(0, 1\], got array"),
     (lambda: FreezeOut(spacing=np.array(["cubic"])), ValueError, r"spacing must be one of 'linear', 'squared', 'cubic'"),
     (lambda: GradientChange(every=np.array([10, 20])), ValueError, r"every must be a positive int, got array"),
