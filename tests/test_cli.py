@@ -500,3 +500,19 @@ def test_rotten_tomatoes_task_end_to_end(tmp_path, capsys):
         ("none", 1.0, 3), ("none", 0.67, 2), ("start0.1", 1.0, 3)]
     start = document["runs"][2]
     assert start["layers"] == 53 and start["depth_changes"][0] == [1, 0] and start["frozen_depth_end"] > 0
+
+
+def test_plot_under_an_unwritable_folder_names_the_reason(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_open = builtins.open
+
+    def deny(path, *args, **kwargs):  # as a non-root user in a read-only folder
+        if str(path).endswith(".layerfreeze-write-test"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    assert main(["plan", "mlp", "--plot", str(tmp_path / "p.png")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"layerfreeze plan: error: --plot's folder {str(tmp_path)!r} is not writable: Permission denied")
