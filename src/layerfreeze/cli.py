@@ -56,7 +56,6 @@ def _checked(convert: Callable[[str], Any], accept: Callable[[Any], bool], expec
 
 
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-_natural_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
 _unit_float = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
