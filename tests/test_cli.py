@@ -580,3 +580,13 @@ def test_every_variant_on_one_table_and_equal_time_fields_recomputed(tmp_path, c
     table = capsys.readouterr().out
     for name in names[1:]:
         assert any(line.startswith(f"│ {name} ") for line in table.splitlines())
+
+
+def test_missing_data_is_one_line_naming_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LAYERFREEZE_FASHION_MNIST", str(tmp_path / "empty"))
+    assert main(["bench", "--task", "fashion-mnist", "--output-dir", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("layerfreeze bench: error: --task fashion-mnist needs the Fashion-MNIST IDX files")
+    assert lines[0].endswith("apt-get install dataset-fashion-mnist (or set LAYERFREEZE_FASHION_MNIST to a folder "
+                             "holding them)")
