@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import layerfreeze as lf
 from conftest import mlp
 
+pytestmark = pytest.mark.slow  # the real trainers
+
 EPOCHS, BATCHES, BATCH = 2, 4, 4
 SCHEDULES = [dict(freeze_start=0.25, interval="step"), dict(freeze_start=0.0, interval="epoch"),
              dict(freeze_start=0.1, freeze_level=0.6, interval="step")]

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+pytestmark = pytest.mark.slow  # the real Trainer
+
 L = pytest.importorskip("lightning.pytorch", reason="lightning is not installed")
 from lightning.pytorch.loggers import Logger  # noqa: E402
 
