@@ -457,6 +457,31 @@ def test_zero_local_optimizer_follows_freezes_and_resume_is_bit_identical(one_ra
     assert {id(p) for p in opt.optim.state} == {id(p) for p in (net[4].weight, net[4].bias)}
 
 
+def test_zero_with_two_param_groups_keeps_each_group_in_step(one_rank):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    net = _net()
+    # Lists: ZeroRedundancyOptimizer consumes a generator in a dict group before using it.
+    groups = [{"params": list(net[0].parameters())}, {"params": list(net[2:].parameters()), "lr": 0.05}]
+    opt = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.SGD, lr=0.1, momentum=0.9)
+    freezing = lf.LayerFreezing(interval="step").attach(net, opt, total_steps=10)
+    _steps(net, opt, 2)
+    freezing.set_depth(1)
+    assert [g["params"] for g in opt.optim.param_groups] == [[], [net[2].weight, net[4].weight, net[2].bias,
+                                                                   net[4].bias]]
+    assert [g["lr"] for g in opt.optim.param_groups] == [0.1, 0.05]
+    frozen = net[0].weight.detach().clone()
+    _steps(net, opt, 2)
+    assert torch.equal(net[0].weight, frozen)
+    opt.consolidate_state_dict(0)
+    state = opt.state_dict()
+    assert [g["params"] for g in state["param_groups"]] == [[], [0, 1, 2, 3]] and sorted(state["state"]) == [0, 1, 2, 3]
+    freezing.set_depth(0)
+    assert opt.optim.param_groups[0]["params"] == [net[0].weight, net[0].bias]
+    _steps(net, opt, 1)
+    assert not torch.equal(net[0].weight, frozen)
+
+
 def test_zero_overlap_with_ddp_is_refused_at_attach(one_rank):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
