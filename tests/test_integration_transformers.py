@@ -253,6 +253,17 @@ def test_the_optimizer_load_hook_names_an_unknown_transformers(monkeypatch, tmp_
         integration._before_optimizer_load(trainer, lambda checkpoint: None)
 
 
+def test_without_the_hook_a_fresh_run_still_freezes_and_is_warned(monkeypatch, tmp_path, caplog):
+    monkeypatch.delattr(Trainer, "_load_optimizer_and_scheduler")
+    model = tiny_bert()
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        trainer = Trainer(model=model, args=_args(tmp_path, num_train_epochs=1), train_dataset=Tokens(),
+                          callbacks=[LayerFreezingCallback(freeze_start=0.0, interval="step")])
+    assert "cannot resume frozen layers with transformers" in caplog.text and "HINT:" in caplog.text
+    trainer.train()
+    assert _logged(trainer, lf.LAYERS_FROZEN) == [5, 10, 15, 21]
+
+
 def test_no_class_wide_patch(tmp_path):
     """Building a callback and a trainer with it leaves the Trainer class as it was."""
     before = {name: getattr(Trainer, name) for name in dir(Trainer) if callable(getattr(Trainer, name))}
