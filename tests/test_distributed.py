@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import layerfreeze as lf
 from layerfreeze import distributed
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # process groups, subprocesses
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 LAUNCH_TIMEOUT = 150
@@ -184,7 +184,6 @@ CONVNET = ["0.weight", "0.bias", "2.weight", "2.bias", "3.weight", "3.bias", "7.
            "9.weight", "9.bias"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["zero", "zero_buckets"])
 def test_zero_on_two_ranks_follows_freezes_and_resumes_bit_identically(ddp_runs, name):
     r0, r1 = ok(ddp_runs[0][name]), ok(ddp_runs[1][name])
@@ -203,7 +202,6 @@ def test_zero_on_two_ranks_follows_freezes_and_resumes_bit_identically(ddp_runs,
     assert_params_equal(r0["resumed"], r1["resumed"])
 
 
-@pytest.mark.slow
 def test_fsdp2_checkpoint_through_dcp_resumes_bit_identically(ddp_runs):
     r0, r1 = ok(ddp_runs[0]["fsdp2_dcp"]), ok(ddp_runs[1]["fsdp2_dcp"])
     for result in (r0, r1):
@@ -509,7 +507,6 @@ def test_zero_overlap_with_ddp_is_refused_at_attach(one_rank):
 
 
 # -- the documented torchrun example ---------------------------------------------------
-@pytest.mark.slow
 def test_torchrun_example_runs_as_documented(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
