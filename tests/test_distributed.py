@@ -482,6 +482,19 @@ def test_zero_with_two_param_groups_keeps_each_group_in_step(one_rank):
     assert not torch.equal(net[0].weight, frozen)
 
 
+def test_zero_follows_composer_style_freeze_layers(one_rank):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    net = _net()
+    opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=torch.optim.Adam, lr=0.01)
+    _steps(net, opt, 1)
+    assert lf.freeze_layers(net, opt, current_duration=1.0, freeze_start=0.0) == (2, 1.0)
+    assert opt.optim.param_groups[0]["params"] == [net[4].weight, net[4].bias]
+    assert {id(p) for p in opt.optim.state} == {id(net[4].weight), id(net[4].bias)}
+    opt.consolidate_state_dict(0)
+    assert sorted(opt.state_dict()["state"]) == [0, 1]
+
+
 def test_zero_overlap_with_ddp_is_refused_at_attach(one_rank):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 

@@ -278,6 +278,13 @@ def test_lbfgs_restarts_its_history_over_the_remaining_parameters():
     assert opt.state[model[0].weight]["prev_flat_grad"].numel() == 3 * 42 + 14
 
 
+def test_lbfgs_follows_composer_style_freeze_layers():
+    model, opt, _, _ = _lbfgs_run(1)
+    assert lf.freeze_layers(model, opt, current_duration=1.0, freeze_start=0.5, freeze_level=0.5) == (1, 0.5)
+    assert opt._params is opt.param_groups[0]["params"] and opt._params[0] is model[2].weight
+    assert len(opt.state) == 0 and opt._numel_cache is None
+
+
 # -- optimizers built from named_parameters(): torch's param_names -------------------------
 def test_param_names_follow_freezes_and_unfreezes_and_label_the_right_state():
     torch.manual_seed(0)
