@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+pytestmark = pytest.mark.slow  # the real Trainer (and its own environment)
+
 composer = pytest.importorskip(
     "composer",
     reason="composer (PyPI mosaicml) is not installed here; `make test` runs this file in .venv-composer",

@@ -115,7 +115,7 @@ class LayerFreezing(Algorithm):
             self._attach(state)
         clock = _clock(state, event)
         if event == Event.FIT_START:
-            self.freezing.sync(**clock)
+            self.freezing.sync(epochs_done=int(state.timestamp.epoch.value), **clock)
         elif event == Event.BATCH_END:
             self.freezing.step(**clock)
         elif event == Event.EPOCH_END:
