@@ -73,7 +73,7 @@ class TaskStudy:
 
 
 STUDIES: dict[str, TaskStudy] = {
-    "digits": TaskStudy("digits", (0.5, 0.75, 1.0), note="the whole data set (1,437 train / 360 test)"),
+    "digits": TaskStudy("digits", (0.5, 0.75, 1.0), note="the whole data set"),
     "fashion-mnist": TaskStudy(
         # Sized from a measured short run (resnet20, 20 steps of 128 images at 2 threads: 3.05 CPU-seconds
         # a step, so about 1.5 s a step on an idle 2-core machine). A seed costs about 7.9 full runs (the
