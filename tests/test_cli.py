@@ -357,6 +357,7 @@ def test_impossible_option_values_exit_2(args, capsys):
 BENCH_SMALL = ["bench", "--model", "mlp", "--data", "synthetic", "--epochs", "2", "--threads", "1", "--no-progress"]
 
 
+@pytest.mark.slow  # a subprocess, killed mid-run
 def test_resume_after_a_kill_runs_only_the_rest(tmp_path, capsys):
     out = tmp_path / "out"
     args = [*BENCH_SMALL, "--seeds", "3", "--output-dir", str(out)]

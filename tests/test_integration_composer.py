@@ -310,6 +310,14 @@ def test_epoch_end_applied_directly_to_a_state(freeze_start, epoch, frozen_layer
     assert [row[lf.LAYERS_FROZEN] for row in logged] == [len(frozen_layers)]
 
 
+@pytest.mark.parametrize("interval, warned", [("epoch", True), ("step", False)])
+def test_a_one_epoch_run_deciding_at_epoch_ends_is_warned(caplog, interval, warned):
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        _trainer([LayerFreezing(0.0, interval=interval)], max_duration="1ep").fit()
+    assert ("a one-epoch run with interval='epoch' freezes only after its last step. HINT: pass interval='step'"
+            in caplog.text) is warned
+
+
 def test_ddp_find_unused_parameters_left_alone(monkeypatch):
     """The reducer rebuild handles DDP on this torch, so Composer need not walk the graph every step."""
     assert LayerFreezing().find_unused_parameters is False

@@ -199,6 +199,15 @@ def test_mid_epoch_checkpoint_restores_the_frozen_set(tmp_path):
     assert starts == [[], ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]]
 
 
+@pytest.mark.parametrize("interval, warned", [("epoch", True), ("step", False)])
+def test_a_one_epoch_run_deciding_at_epoch_ends_is_warned(tmp_path, caplog, interval, warned):
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        _trainer(tmp_path, [LayerFreezingCallback(freeze_start=0.0, interval=interval)], max_epochs=1).fit(
+            Module(_net()), _loader())
+    assert ("a one-epoch run with interval='epoch' freezes only after its last step. HINT: pass interval='step'"
+            in caplog.text) is warned
+
+
 @pytest.mark.parametrize("interval, depths", [("epoch", [3, 5]), ("step", [2, 2, 2, 3, 3, 4, 4, 5])])
 def test_freezing_added_on_resume_follows_the_runs_true_progress(tmp_path, interval, depths):
     """A run checkpointed without freezing, resumed after epoch 2 of 4 (step 8 of 16) with the callback."""

@@ -264,6 +264,16 @@ def test_without_the_hook_a_fresh_run_still_freezes_and_is_warned(monkeypatch, t
     assert _logged(trainer, lf.LAYERS_FROZEN) == [5, 10, 15, 21]
 
 
+@pytest.mark.parametrize("interval, warned", [("epoch", True), ("step", False)])
+def test_a_one_epoch_run_deciding_at_epoch_ends_is_warned(tmp_path, caplog, interval, warned):
+    trainer = Trainer(model=tiny_bert(), args=_args(tmp_path, num_train_epochs=1), train_dataset=Tokens(),
+                      callbacks=[LayerFreezingCallback(freeze_start=0.0, interval=interval)])
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        trainer.train()
+    assert ("a one-epoch run with interval='epoch' freezes only after its last step. HINT: pass interval='step'"
+            in caplog.text) is warned
+
+
 def test_no_class_wide_patch(tmp_path):
     """Building a callback and a trainer with it leaves the Trainer class as it was."""
     before = {name: getattr(Trainer, name) for name in dir(Trainer) if callable(getattr(Trainer, name))}

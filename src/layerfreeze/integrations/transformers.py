@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import algorithm as _algorithm
+from .. import hints
 
 __all__ = ["LayerFreezingCallback", "STATE_FILE"]
 
@@ -159,6 +160,8 @@ class LayerFreezingCallback(TrainerCallback):
             )
         self._attach(trainer)
         self.freezing.sync(state.global_step, epochs_done=int(state.epoch or 0))
+        if state.num_train_epochs == 1:  # epoch ends come from the clock: say what that means for one epoch
+            hints.warn_one_epoch(self.freezing.interval, state.max_steps, state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         self._attach(self._bind())
