@@ -139,3 +139,9 @@ class Policy:
 
     def release(self) -> None:
         """Called by ``LayerFreezing.detach``: remove any hooks the policy installed."""
+
+    def _frozen_set_changed(self) -> None:
+        # Called by LayerFreezing right after the frozen set changed, when TorchDynamo
+        # recompiles the model anyway: the moment to remove forward hooks that compiled
+        # code has inlined (removing them at any other time costs one more graph).
+        pass
