@@ -257,7 +257,7 @@ def section(task: str, document: Optional[dict[str, Any]], plan: Plan, device: s
     elif summary:
         lines += ["**Conclusion.** " + " ".join(conclusion(summary)), ""]
     lines += [f"Command: `{command}`, which runs `{' '.join(document['command'])}`.", "",
-              f"Machine: {machine_line(environment, config)}. Results: {len(records)} runs, "
+              f"Machine: {machine_line(environment, config)}. Results: {len(records)} run{'s' * (len(records) != 1)}, "
               f"written {document['created']}.", ""]
     return lines
 
@@ -303,8 +303,11 @@ def build(evidence_dir: Path, docs_dir: Path, plots: bool = True) -> str:
                 if plots:
                     summary, _ = summarize(document)
                     if summary:
-                        plot_runs(records_of(document), summary, str(png),
-                                  f"{task} ({title}): accuracy against training time", BASELINE)
+                        records = records_of(document)
+                        missing = missing_runs(records, study_plan(task))
+                        partial = f", partial: {len(records)} of {len(study_plan(task).keys())} runs" if missing else ""
+                        plot_runs(records, summary, str(png),
+                                  f"{task} ({title}{partial}): accuracy against training time", BASELINE)
                 if png.is_file():
                     plot = os.path.relpath(png, docs_dir)
             lines += section(task, document, study_plan(task), device, plot, level="###")

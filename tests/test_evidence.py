@@ -220,6 +220,15 @@ def test_dry_run_prints_the_command_and_runs_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_more_seeds_split_in_parts(tmp_path, capsys):
+    assert study.main(["--task", "fashion-mnist", "--seeds", "8", "--part", "1/2", "--dry-run",
+                       "--output-root", str(tmp_path)]) == 0
+    assert " --seeds 4 " in capsys.readouterr().err.splitlines()[0]
+    with pytest.raises(SystemExit):
+        study.main(["--task", "digits", "--seeds", "0", "--dry-run"])
+    assert "--seeds must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_runner_refuses_a_bad_part(capsys):
     with pytest.raises(SystemExit):
         study.main(["--task", "digits", "--part", "6/5", "--dry-run"])
