@@ -1,0 +1,241 @@
+"""EncoderCache: a Hugging Face encoder's frozen prefix cached inside its own forward, exactly."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+import layerfreeze as lf  # noqa: E402
+from layerfreeze.encoder_cache import EncoderCache, encoder_stages  # noqa: E402
+from layerfreeze.policies import FixedDepth  # noqa: E402
+
+EXAMPLES, LENGTH, BATCH = 24, 8, 4
+
+
+def tiny_bert(layers: int = 4, dropout: float = 0.1, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config).train()
+
+
+def dataset(seed: int = 1) -> dict[str, torch.Tensor]:
+    # Fixed padding to LENGTH, with real padding (attention mask zeros) in most rows.
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, LENGTH + 1, (EXAMPLES,), generator=g)
+    mask = (torch.arange(LENGTH) < lengths[:, None]).long()
+    ids = torch.randint(1, 40, (EXAMPLES, LENGTH), generator=g) * mask
+    types = torch.randint(0, 2, (EXAMPLES, LENGTH), generator=g) * mask
+    labels = torch.randint(0, 2, (EXAMPLES,), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
+
+
+def batches(data: dict[str, torch.Tensor], epoch: int):
+    order = torch.randperm(EXAMPLES, generator=torch.Generator().manual_seed(100 + epoch))
+    for index in order.split(BATCH):
+        yield {name: value[index] for name, value in data.items()}
+
+
+def pin_frozen_stages_eval(model: nn.Module) -> None:
+    # What LayerFreezing(dropout="eval") does: fully frozen stages run in eval mode.
+    for stage in encoder_stages(model):
+        if not any(p.requires_grad for p in stage.parameters()):
+            stage.eval()
+
+
+def train(model, freezing_factory, epochs: int = 3, cache: bool = False, **cache_args):
+    data = dataset()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    steps_per_epoch = EXAMPLES // BATCH
+    freezing = freezing_factory().attach(model, opt, total_steps=epochs * steps_per_epoch,
+                                         steps_per_epoch=steps_per_epoch)
+    encoder = EncoderCache(model, **cache_args) if cache else None
+    torch.manual_seed(7)  # the suffix's dropout draws the same numbers in both runs
+    losses = []
+    for epoch in range(epochs):
+        for batch in batches(data, epoch):
+            pin_frozen_stages_eval(model)
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            freezing.step()
+            losses.append(loss.item())
+    return losses, freezing, encoder
+
+
+def assert_same_parameters(a: nn.Module, b: nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_finds_the_stages_of_a_hugging_face_encoder():
+    model = tiny_bert(layers=3)
+    assert encoder_stages(model) == [model.bert.embeddings, *model.bert.encoder.layer]
+    with pytest.raises(ValueError, match=r"found no embeddings module and block list in Sequential.*HINT: pass stages="):
+        encoder_stages(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_fixed_depth_with_cache_trains_bit_for_bit_as_without():
+    # Embeddings and two of four blocks frozen after the first step; epoch 1 fills
+    # the cache, epochs 2 and 3 read it. The uncached twin runs the same frozen
+    # prefix in eval mode.
+    through = "bert.encoder.layer.1"
+    runs = {}
+    for cached in (False, True):
+        model = tiny_bert()
+        runs[cached] = (model, *train(model, lambda: lf.LayerFreezing(
+            policy=FixedDepth(through=through), interval="step", unit="owner"), cache=cached))
+    (plain, plain_losses, _, _), (model, losses, freezing, cache) = runs[False], runs[True]
+    assert cache.cut == 3 and freezing.frozen_depth == runs[False][2].frozen_depth
+    # Step 1 ran unfrozen; the other 5 batches of epoch 1 are computed whole. In
+    # epoch 2 the 4 examples of step 1 are computed alone, in prefix-only passes
+    # of their mixed batches; every other lookup is served.
+    assert (cache.misses, cache.hits, cache.advanced) == (24, 44, 0)
+    assert len(cache) == 24 and cache.bytes_per_example == LENGTH * 16 * 4
+    assert cache.nbytes == 24 * LENGTH * 16 * 4
+    assert losses == plain_losses
+    assert_same_parameters(model, plain)
+
+
+def test_progressive_schedule_advances_stored_outputs_and_stays_exact():
+    runs = {}
+    for cached in (False, True):
+        model = tiny_bert()
+        runs[cached] = (model, *train(model, lambda: lf.LayerFreezing(
+            freeze_start=0.0, freeze_level=0.9, interval="epoch", unit="owner"), epochs=5, cache=cached))
+    (plain, plain_losses, plain_freezing, _), (model, losses, freezing, cache) = runs[False], runs[True]
+    assert freezing.frozen_depth == plain_freezing.frozen_depth
+    assert cache.cut == 4  # embeddings and three blocks at the end
+    assert cache.advanced > 0 and cache.hits > 0 and cache.invalidations == 0
+    assert losses == plain_losses
+    assert_same_parameters(model, plain)
+
+
+def test_mixed_batch_computes_only_the_rows_it_lacks():
+    model = tiny_bert(dropout=0.0)
+    model.bert.embeddings.requires_grad_(False)
+    cache = EncoderCache(model)
+    data = dataset()
+    first = {k: v[:4] for k, v in data.items()}
+    mixed = {k: v[2:6] for k, v in data.items()}
+    model(**first)
+    assert (cache.misses, len(cache)) == (4, 4)
+    out = model(**mixed).logits
+    assert (cache.hits, cache.misses, len(cache)) == (2, 6, 6)
+    model(**mixed)
+    assert cache.hits == 6
+    cache.remove()
+    assert torch.equal(out, model(**mixed).logits)  # rows computed apart equal those of the whole batch
+
+
+def test_eval_mode_and_per_layer_outputs_bypass_the_cache():
+    model = tiny_bert(dropout=0.0)
+    model.bert.embeddings.requires_grad_(False)
+    cache = EncoderCache(model)
+    batch = {k: v[:4] for k, v in dataset().items()}
+    model.eval()
+    model(**batch)
+    assert (cache.hits, cache.misses, len(cache)) == (0, 0, 0)
+    model.train()
+    model(**batch, output_hidden_states=True)
+    assert len(cache) == 0
+    model(**batch)
+    out = model(**batch, output_hidden_states=True)
+    assert cache.hits == 0 and len(out.hidden_states) == 5
+
+
+def test_cache_clears_when_the_cut_moves_back_or_a_frozen_weight_changes(caplog):
+    model = tiny_bert(dropout=0.0)
+    model.bert.embeddings.requires_grad_(False)
+    model.bert.encoder.layer[0].requires_grad_(False)
+    cache = EncoderCache(model)
+    batch = {k: v[:4] for k, v in dataset().items()}
+    model(**batch)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight.mul_(2.0)
+    with caplog.at_level(logging.INFO, logger="layerfreeze"):
+        out = model(**batch).logits
+    assert "EncoderCache cleared (4 entries): a frozen stage's weights changed" in caplog.text
+    assert (cache.hits, cache.misses, cache.invalidations) == (0, 4, 1)
+    cache.remove()
+    assert torch.equal(out, model(**batch).logits)
+    cache = EncoderCache(model)
+    model(**batch)
+    model.bert.encoder.layer[0].requires_grad_(True)
+    model(**batch)
+    assert cache.cut == 1 and cache.invalidations == 1 and cache.misses == 4
+
+
+def test_refuses_a_prefix_with_dropout_in_training_mode_with_a_hint():
+    model = tiny_bert(dropout=0.1)
+    model.bert.embeddings.requires_grad_(False)
+    cache = EncoderCache(model)
+    batch = {k: v[:4] for k, v in dataset().items()}
+    with pytest.raises(RuntimeError, match=r"not deterministic: stages\[0\]\.dropout .*HINT: .*dropout='eval'"):
+        model(**batch)
+    model.bert.embeddings.eval()
+    model(**batch)
+    assert cache.misses == 4
+
+
+def test_memory_bound_spill_and_full_warning(tmp_path, caplog):
+    model = tiny_bert(dropout=0.0)
+    model.bert.embeddings.requires_grad_(False)
+    per = LENGTH * 16 * 4
+    batch = {k: v[:4] for k, v in dataset().items()}
+    cache = EncoderCache(model, max_bytes=3 * per)
+    with caplog.at_level(logging.INFO, logger="layerfreeze"):
+        model(**batch)
+    assert "EncoderCache stores 512 B per example (8 x 16 float32); max_bytes=1.5 KiB holds 3 examples" in caplog.text
+    assert "EncoderCache is full (max_bytes=1.5 KiB, 512 B per example, 3 examples stored)" in caplog.text
+    assert (len(cache), cache.nbytes) == (3, 3 * per)
+    assert cache.summary()["capacity"] == 3
+    cache.remove()
+    spilled = EncoderCache(model, max_bytes=per, spill_dir=tmp_path)
+    first = model(**batch).logits
+    assert (len(spilled), spilled.nbytes, spilled.disk_bytes) == (4, per, 3 * per)
+    assert torch.equal(model(**batch).logits, first) and spilled.hits == 4
+    spilled.remove()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_warns_with_a_hint_when_inputs_change_shape(caplog):
+    model = tiny_bert(dropout=0.0)
+    model.bert.embeddings.requires_grad_(False)
+    data = dataset()
+    cache = EncoderCache(model)
+    with caplog.at_level(logging.WARNING, logger="layerfreeze"):
+        for length in (6, 7, 8):  # padding to each batch's longest example
+            model(**{k: (v[:4, :length] if v.dim() == 2 else v[:4]) for k, v in data.items()})
+    assert "EncoderCache sees inputs of 3 different shapes" in caplog.text
+    assert "HINT: pad every example to one fixed length" in caplog.text
+    assert cache.hits == 0
+
+
+def test_warns_with_a_hint_when_lookups_mostly_miss(caplog):
+    model = tiny_bert(dropout=0.0)
+    model.bert.embeddings.requires_grad_(False)
+    data = dataset()
+    cache = EncoderCache(model, examples=8)
+    g = torch.Generator().manual_seed(5)
+    with caplog.at_level(logging.WARNING, logger="layerfreeze"):
+        for step in range(4):  # randomly masked inputs: never the same bytes twice
+            batch = {k: v[:4] for k, v in data.items()}
+            batch["input_ids"] = torch.randint(1, 40, (4, LENGTH), generator=g)
+            model(**batch)
+            assert ("mostly" in caplog.text) is False
+    assert "EncoderCache served 0 of 16 lookups since its cut last moved (0%), over two passes of 8 examples" \
+        in caplog.text
+    assert "HINT: pad to a fixed length" in caplog.text
+    assert cache.misses == 16
