@@ -239,3 +239,136 @@ def test_warns_with_a_hint_when_lookups_mostly_miss(caplog):
         in caplog.text
     assert "HINT: pad to a fixed length" in caplog.text
     assert cache.misses == 16
+
+
+class TupleBlock(nn.Module):
+    """A block returning (hidden_states,), as transformers 4 blocks do."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, hidden_states, attention_mask=None):
+        return (torch.tanh(self.linear(hidden_states)) * attention_mask[..., None],)
+
+
+class TupleEncoder(nn.Module):
+    def __init__(self, width: int = 6, depth: int = 3):
+        super().__init__()
+        self.embeddings = nn.Embedding(20, width)
+        self.layers = nn.ModuleList(TupleBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.embeddings(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=attention_mask)[0]
+        return self.head(hidden.mean(1))
+
+
+def test_blocks_returning_tuples_are_served_in_their_own_form():
+    torch.manual_seed(0)
+    model = TupleEncoder()
+    assert encoder_stages(model) == [model.embeddings, *model.layers]
+    model.embeddings.requires_grad_(False)
+    model.layers[:2].requires_grad_(False)
+    cache = EncoderCache(model)
+    ids = torch.randint(0, 20, (5, 4))
+    mask = torch.ones(5, 4).tril()
+    first = model(ids, mask)
+    second = model(ids, attention_mask=mask)  # keyword or positional: the same key
+    assert cache.cut == 3 and (cache.misses, cache.hits) == (5, 5)
+    assert torch.equal(first, second)
+    cache.remove()
+    assert "forward" not in model.embeddings.__dict__ and torch.equal(model(ids, mask), first)
+
+
+def test_explicit_stages_of_a_torch_encoder_train_exactly():
+    # nn.TransformerEncoder: the stages are its layers; the embedding runs before them.
+    from conftest import TinyEncoder
+
+    runs = []
+    for cached in (False, True):
+        torch.manual_seed(0)
+        model = TinyEncoder(depth=3)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model.embed.requires_grad_(False)
+        model.encoder.layers[:2].requires_grad_(False)
+        cache = EncoderCache(model, stages=list(model.encoder.layers)) if cached else None
+        tokens = torch.randint(0, 11, (8, 5), generator=torch.Generator().manual_seed(3))
+        for epoch in range(3):
+            for rows in torch.randperm(8, generator=torch.Generator().manual_seed(epoch)).split(4):
+                model(tokens[rows]).pow(2).mean().backward()
+                opt.step(), opt.zero_grad()
+        runs.append((model, cache))
+    (plain, _), (model, cache) = runs
+    assert cache.cut == 2 and (cache.misses, cache.hits) == (8, 16)
+    assert_same_parameters(model, plain)
+
+
+def test_refuses_stages_the_model_changes_in_between():
+    class Projected(TupleEncoder):
+        def forward(self, input_ids, attention_mask):
+            hidden = self.embeddings(input_ids) * 2.0  # something between embeddings and layers[0]
+            for layer in self.layers:
+                hidden = layer(hidden, attention_mask=attention_mask)[0]
+            return self.head(hidden.mean(1))
+
+    model = Projected()
+    model.embeddings.requires_grad_(False)
+    EncoderCache(model)
+    with pytest.raises(RuntimeError, match=r"stages\[1\] \(TupleBlock\) did not receive the output of stages\[0\].*HINT"):
+        model(torch.randint(0, 20, (2, 4)), torch.ones(2, 4))
+
+
+def test_fill_stores_ahead_in_prefix_only_passes():
+    model = tiny_bert(dropout=0.0)
+    model.bert.embeddings.requires_grad_(False)
+    model.bert.encoder.layer[0].requires_grad_(False)
+    cache = EncoderCache(model)
+    data = dataset()
+    calls = []
+    model.bert.encoder.layer[1].register_forward_hook(lambda *a: calls.append(1))
+    cache.fill({k: v[i:i + 12] for k, v in data.items()} for i in (0, 12))
+    assert (len(cache), cache.misses, calls) == (EXAMPLES, EXAMPLES, [])  # layer 1 never ran
+    expected = model(**{k: v[:4] for k, v in data.items()}).logits
+    assert (cache.hits, cache.misses) == (4, EXAMPLES)
+    cache.remove()
+    assert torch.equal(expected, model(**{k: v[:4] for k, v in data.items()}).logits)
+
+
+def test_copies_of_the_model_carry_the_settings_not_the_stored_outputs():
+    model = tiny_bert(dropout=0.0)
+    model.bert.embeddings.requires_grad_(False)
+    cache = EncoderCache(model, max_bytes=1 << 20)
+    batch = {k: v[:4] for k, v in dataset().items()}
+    model(**batch)
+    twin = copy.deepcopy(model)
+    twin_cache = twin.bert.embeddings.forward.args[0]()
+    assert twin_cache is not cache and twin_cache.model is twin and len(twin_cache) == 0
+    assert twin_cache.max_bytes == 1 << 20
+    assert torch.equal(twin(**batch).logits, model(**batch).logits)
+    assert (twin_cache.misses, cache.hits) == (4, 4)
+
+
+def test_bad_arguments_name_the_argument_and_install_nothing():
+    model = tiny_bert(dropout=0.0)
+    with pytest.raises(TypeError, match="model must be an nn.Module, got int"):
+        EncoderCache(3)
+    with pytest.raises(ValueError, match=r"stages\[0\] \(Linear\) is not a submodule of the model"):
+        EncoderCache(model, stages=[nn.Linear(2, 2)])
+    with pytest.raises(TypeError, match=r"stages\[1\] must be an nn.Module, got str"):
+        EncoderCache(model, stages=[model.bert.embeddings, "layer"])
+    with pytest.raises(ValueError, match="stages must not hold the same module twice"):
+        EncoderCache(model, stages=[model.bert.embeddings, model.bert.embeddings])
+    with pytest.raises(ValueError, match="max_bytes must be a non-negative int, got -1"):
+        EncoderCache(model, max_bytes=-1)
+    with pytest.raises(ValueError, match="examples must be a positive int or None, got 0"):
+        EncoderCache(model, examples=0)
+    assert "forward" not in model.bert.embeddings.__dict__
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    cache = EncoderCache(model)
+    with pytest.raises(ValueError, match=r"stages\[0\] \(BertEmbeddings\) already has an instance-level forward.*HINT"):
+        EncoderCache(model)
+    cache.remove()
+    EncoderCache(model).remove()

@@ -53,6 +53,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -228,6 +229,10 @@ class EncoderCache:
                 )
         self.model = model
         self.stages = list(stages)
+        try:
+            self._signature: Optional[inspect.Signature] = inspect.signature(model.forward)
+        except (TypeError, ValueError):  # pragma: no cover - builtins
+            self._signature = None
         self.max_bytes = max_bytes
         self.examples = examples
         self._store = _Store(max_bytes, Path(spill_dir) if spill_dir is not None else None)
@@ -342,6 +347,7 @@ class EncoderCache:
         state = dict(self.__dict__)
         state["_store"] = _Store(self.max_bytes, self._store.spill_dir)
         state["_plan"] = None
+        state.update(hits=0, misses=0, advanced=0, _at_cut=[0, 0])
         return state
 
     def __del__(self) -> None:  # the spill file must not outlive the cache
@@ -461,7 +467,14 @@ class EncoderCache:
         return known and (start == len(self.stages) or start in self._linked)
 
     def _keys(self, args: tuple, kwargs: dict) -> Optional[list[bytes]]:
-        named = [(str(i), a) for i, a in enumerate(args)] + sorted(kwargs.items())
+        # Named by the forward's parameters, so model(ids, mask) and
+        # model(ids, attention_mask=mask) look up the same examples.
+        try:
+            named = sorted(self._signature.bind(*args, **kwargs).arguments.items())  # type: ignore[union-attr]
+        except (TypeError, AttributeError):
+            named = [(str(i), a) for i, a in enumerate(args)] + sorted(kwargs.items())
+        named = [(name, value) for key, group in named
+                 for name, value in (group.items() if isinstance(group, dict) else [(key, group)])]
         tensors = [(name, t) for name, t in named if isinstance(t, torch.Tensor) and t.dim() >= 1]
         if not tensors:
             return None
@@ -607,6 +620,8 @@ def _stage_forward(ref: Callable[[], Optional[EncoderCache]], index: int, module
                 "modules each take the previous one's output unchanged"
             )
     if index == plan.cut:
+        if plan.stop:  # a prefix-only pass ends here, once the link above is checked
+            raise _PrefixDone
         return type(module).forward(module, *args, **kwargs)
     output = type(module).forward(module, *args, **kwargs)
     hidden = _hidden_output(output)
@@ -621,6 +636,6 @@ def _stage_forward(ref: Callable[[], Optional[EncoderCache]], index: int, module
     plan.outputs[index] = hidden
     if index == plan.cut - 1:
         cache._store_rows(plan, hidden)
-        if plan.stop:
+        if plan.stop and index == len(cache.stages) - 1:
             raise _PrefixDone
     return output

@@ -11,10 +11,13 @@ start). One change of the frozen set means one rebuild of a
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..schedule import check_fraction
 from .base import Context, Policy, Progress
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..layers import Layer
 
 __all__ = ["FixedDepth"]
 
@@ -33,8 +36,8 @@ class FixedDepth(Policy):
             the first decision with ``step / total_steps >= start`` freezes them.
             With ``start=0`` that is the first decision (after the first step, or
             the first epoch with ``interval="epoch"``); to train frozen from the
-            very first step, call ``freezing.set_depth(...)`` after ``attach``
-            (this policy keeps that depth).
+            very first step, call ``freezing.set_depth(policy.target(freezing.layers))``
+            after ``attach`` (this policy keeps that depth).
 
     Raises:
         ValueError, TypeError: for bad arguments; ``attach`` raises ValueError when
@@ -65,8 +68,13 @@ class FixedDepth(Policy):
         self.depth = int(depth) if depth is not None else None
         self.through = through
 
-    def _resolve(self, context: Context) -> int:
-        names = [layer.name for layer in context.layers]
+    def target(self, layers: Sequence["Layer"]) -> int:
+        """The depth this policy freezes on ``layers`` (LayerFreezing's ``layers``).
+
+        Raises:
+            ValueError: if ``depth`` or ``through`` does not fit these layers.
+        """
+        names = [layer.name for layer in layers]
         limit = len(names) - 1  # the last layer is never frozen
         if self.through is not None:
             under = [i for i, name in enumerate(names) if name == self.through or name.startswith(self.through + ".")]
@@ -85,13 +93,13 @@ class FixedDepth(Policy):
         return self.depth  # type: ignore[return-value]
 
     def check(self, context: Context) -> None:
-        self._resolve(context)
+        self.target(context.layers)
 
     def decide(self, progress: Progress) -> tuple[int, float]:
         if progress.current_duration < self.start:
             return 0, 0.0
         # Resolved at each decision: order="execution" may reorder the layers after attach.
-        depth = self._resolve(self.context)
+        depth = self.target(self.context.layers)
         return depth, depth / max(len(self.context.layers) - 1, 1)
 
     def describe(self) -> dict[str, Any]:

