@@ -359,3 +359,51 @@ def test_parameters_no_leaf_layer_holds_are_named_at_attach_with_a_hint(unit, mo
     if warned:  # in_proj_weight and in_proj_bias of 2 attention modules
         assert "4 trainable parameter(s) belong to no layer under unit='leaf'" in text
         assert "layers.0.self_attn.in_proj_weight" in text and "HINT: unit='owner'" in text
+
+
+def test_policy_objects_carry_no_bookkeeping_of_the_algorithm():
+    policy = lf.policies.Linear(0.0)
+    before = set(vars(policy))
+    freezing = lf.LayerFreezing(policy=policy)
+    model = mlp()
+    freezing.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), 4)
+    assert set(vars(policy)) - before == {"context"}  # what Policy.bind keeps, nothing else
+    freezing.detach()
+    assert set(vars(policy)) - before == {"context"}
+
+
+def test_an_unhashable_policy_serves_one_layerfreezing_at_a_time():
+    import dataclasses
+
+    @dataclasses.dataclass  # eq=True: instances are unhashable
+    class Halfway(lf.policies.Policy):
+        at: float = 0.5
+
+        def decide(self, progress):
+            depth = len(self.context.layers) // 2 if progress.current_duration >= self.at else 0
+            return depth, float(depth)
+
+    policy = Halfway()
+    first, second = lf.LayerFreezing(policy=policy, interval="step"), lf.LayerFreezing(policy=policy)
+    a, b = mlp(depth=5), mlp(depth=5)
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    first.attach(a, opt, 4)
+    with pytest.raises(ValueError, match="policy Halfway is attached through another LayerFreezing"):
+        second.attach(b, torch.optim.SGD(b.parameters(), lr=0.1), 4)
+    assert run(first, a, opt, 4) == [0, 2, 2, 2]
+    first.detach()
+    second.attach(b, torch.optim.SGD(b.parameters(), lr=0.1), 4)
+
+
+def test_a_policys_hints_are_logged_at_attach(caplog):
+    class Never(lf.policies.Policy):
+        def decide(self, progress):
+            return 0, 0.0
+
+        def hints(self, context):
+            return [f"Never freezes any of {len(context.layers)} layers. HINT: pick another policy"]
+
+    model = mlp(depth=3)
+    with caplog.at_level(logging.WARNING, logger="layerfreeze"):
+        lf.LayerFreezing(policy=Never()).attach(model, torch.optim.SGD(model.parameters(), lr=0.1), 4)
+    assert "layerfreeze: Never freezes any of 3 layers. HINT: pick another policy" in caplog.text

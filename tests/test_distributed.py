@@ -14,6 +14,7 @@ Two kinds of tests:
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import os
@@ -374,6 +375,65 @@ def test_single_process_models_are_untouched():
     freezing = lf.LayerFreezing(interval="epoch").attach(net, opt, total_steps=10)
     freezing.set_depth(1)  # no process group needed
     assert freezing.frozen_parameters == ["0.bias", "0.weight"]
+
+
+# -- ZeroRedundancyOptimizer, one rank in process (two ranks: the worker above) ---------------
+def _zero_run(steps: range, bucket_view: bool, state: dict | None = None):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    net = _net()
+    opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=torch.optim.Adam, lr=0.01,
+                                  parameters_as_bucket_view=bucket_view)
+    freezing = lf.LayerFreezing(freeze_start=0.0, interval="step").attach(net, opt, total_steps=8)
+    if state is not None:
+        net.load_state_dict(state["model"])
+        freezing.load_state_dict(state["freezing"])  # before the optimizer, as always
+        opt.load_state_dict(state["opt"])
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        net(torch.randn(3, 4, generator=g)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        freezing.step()
+    return net, opt, freezing
+
+
+@pytest.mark.parametrize("bucket_view", [False, True])
+def test_zero_local_optimizer_follows_freezes_and_resume_is_bit_identical(one_rank, bucket_view, caplog):
+    straight, _, _ = _zero_run(range(8), bucket_view)
+    with caplog.at_level(logging.WARNING):
+        net, opt, freezing = _zero_run(range(4), bucket_view)
+    assert freezing.frozen_depth == 1
+    assert "trainable parameters changed" not in caplog.text  # ZeRO's own warning: handled here
+    # The local optimizer holds exactly the trainable parameters, in ZeRO's order (largest first).
+    assert opt.optim.param_groups[0]["params"] == [net[2].weight, net[4].weight, net[2].bias, net[4].bias]
+    assert {id(p) for p in opt.optim.state} == {id(p) for p in opt.optim.param_groups[0]["params"]}
+    opt.consolidate_state_dict(0)
+    saved = {"model": net.state_dict(), "opt": opt.state_dict(), "freezing": freezing.state_dict()}
+    assert sorted(saved["opt"]["state"]) == [0, 1, 2, 3]
+    assert torch.equal(saved["opt"]["state"][0]["exp_avg"], opt.optim.state[net[2].weight]["exp_avg"])
+    saved = copy.deepcopy(saved)
+
+    resumed, opt, freezing = _zero_run(range(4, 8), bucket_view, saved)
+    assert freezing.frozen_depth == 2
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    freezing.set_depth(0)  # everything back, in the partition's original order, with fresh state
+    net = resumed
+    assert opt.optim.param_groups[0]["params"] == [net[2].weight, net[0].weight, net[4].weight, net[0].bias,
+                                                   net[2].bias, net[4].bias]
+    assert {id(p) for p in opt.optim.state} == {id(p) for p in (net[4].weight, net[4].bias)}
+
+
+def test_zero_overlap_with_ddp_is_refused_at_attach(one_rank):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    net = _net()
+    opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=torch.optim.SGD, lr=0.1, overlap_with_ddp=True)
+    with pytest.raises(ValueError, match=r"optimizers\[0\] is ZeroRedundancyOptimizer\(overlap_with_ddp=True\).*"
+                       "HINT: construct it with overlap_with_ddp=False"):
+        lf.LayerFreezing().attach(DDP(net), opt, total_steps=10)
+    assert all(p.requires_grad for p in net.parameters())
 
 
 # -- the documented torchrun example ---------------------------------------------------

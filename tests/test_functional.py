@@ -133,3 +133,41 @@ def test_lazy_modules_freeze_like_composer():
     assert lf.freeze_layers(model, opt, 1.0) == (3, 1.0)
     assert [p.requires_grad for p in model.parameters()] == [False] * 6 + [True] * 2
     assert len(opt.param_groups[0]["params"]) == 2
+
+
+@pytest.mark.parametrize("depth_of", [0, 1, 2, 3, 4])
+def test_freeze_layers_and_layerfreezing_freeze_the_same_parameters_at_each_depth(model_name, depth_of):
+    """One rule (freezer.names_for_depth) decides for both forms, tied and shared models included."""
+    torch.manual_seed(0)
+    functional_model, algorithm_model = MODEL_FACTORIES[model_name](), MODEL_FACTORIES[model_name]()
+    count = len(lf.definition_order(functional_model))
+    depth = min(depth_of, count - 1)
+    # current_duration (depth + 0.5) / (count - 1) gives fraction just past depth / (count - 1): depth itself
+    duration = min((depth + 0.5) / (count - 1), 1.0)
+    opt = torch.optim.SGD(functional_model.parameters(), lr=0.1)
+    assert lf.freeze_layers(functional_model, opt, duration, 0.0, 1.0)[0] == depth
+    freezing = lf.LayerFreezing().attach(algorithm_model, torch.optim.SGD(algorithm_model.parameters(), lr=0.1), 10)
+    freezing.set_depth(depth)
+    frozen = sorted(n for n, p in functional_model.named_parameters() if not p.requires_grad)
+    if (model_name, depth) == ("tied", 2):
+        # Everything trainable would freeze (out.weight is embed.weight): Composer's function
+        # freezes it all; LayerFreezing keeps the last layer's (tied) weight trainable.
+        assert frozen == ["embed.weight", "mid.bias", "mid.weight"]
+        assert freezing.frozen_parameters == ["mid.bias", "mid.weight"]
+    else:
+        assert freezing.frozen_parameters == frozen
+
+
+def test_freeze_layers_warns_when_it_leaves_nothing_to_train(caplog):
+    from conftest import Tied
+
+    model = Tied()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        assert lf.freeze_layers(model, opt, 0.75, 0.5, 1.0) == (1, 0.5)
+    assert "froze every trainable parameter" not in caplog.text
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        assert lf.freeze_layers(model, opt, 1.0, 0.5, 1.0) == (2, 1.0)
+    assert not any(p.requires_grad for p in model.parameters())  # Composer's outcome, kept
+    assert "freeze_layers froze every trainable parameter of Tied (its last layer, out, holds only" in caplog.text
+    assert "HINT: use layerfreeze.LayerFreezing" in caplog.text

@@ -150,12 +150,16 @@ def test_state_dict_round_trips_into_a_fresh_policy(policy):
     assert same(state, again)
 
 
-@pytest.mark.parametrize("policy", ["freezeout", "gradient", "convergence"])
-def test_malformed_policy_state_is_refused(policy):
+@pytest.mark.parametrize("policy, message", [
+    ("freezeout", r"state_dict\.policy is not from FreezeOut\.state_dict\(\): missing key 'step'"),
+    ("gradient", r"state_dict\.policy is not from GradientChange\.state_dict\(\): missing key 'count'"),
+    ("convergence", r"state_dict\.policy is not from Convergence\.state_dict\(\): missing key 'probe'"),
+])
+def test_malformed_policy_state_is_refused(policy, message):
     _, _, freezing = build("mlp", policy, "step")
     state = freezing.state_dict()
     state["policy"] = {"nonsense": 1}
-    with pytest.raises(ValueError, match="state must"):
+    with pytest.raises(ValueError, match=message):
         freezing.load_state_dict(state)
 
 
@@ -183,3 +187,87 @@ def test_docstring_examples_run(name):
     module = importlib.import_module(f"layerfreeze.policies.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# -- loading is all-or-nothing ------------------------------------------------------------
+
+def _edit(field, value):
+    def edit(policy_state):
+        policy_state[field] = value(policy_state) if callable(value) else value
+    return edit
+
+
+@pytest.mark.parametrize("policy, edit, message", [
+    ("freezeout", _edit("step", -1), r"state_dict\.policy\.step must be a non-negative int, got -1"),
+    ("freezeout", _edit("step", "7"), r"state_dict\.policy\.step must be a non-negative int, got '7'"),
+    ("gradient", _edit("previous", "abc"), r"state_dict\.policy\.previous must be a dict of names or None, got 'abc'"),
+    ("gradient", _edit("changes", 3), r"state_dict\.policy\.changes must be a dict of names or None, got 3"),
+    ("gradient", _edit("changes", [0.1]), r"state_dict\.policy\.changes must be a dict of names or None, got \[0.1\]"),
+    ("gradient", _edit("count", "x"), r"state_dict\.policy\.count must be a non-negative int, got 'x'"),
+    ("gradient", _edit("target", 1.0), r"state_dict\.policy\.target must be a non-negative int, got 1.0"),
+    ("gradient", _edit("sums", {"features.0": "b"}),
+     r"state_dict\.policy\.sums\['features.0'\] must be a number, got 'b'"),
+    ("gradient", _edit("previous", lambda s: {**s["previous"], "head": None}),
+     r"state_dict\.policy\.previous\['head'\] must be a number, got None"),
+    ("gradient", _edit("measured", lambda s: s["count"] + 1),
+     r"state_dict\.policy\.measured must be at most state_dict\.policy\.count \(1\), got 2"),
+    ("convergence", _edit("probe", "abc"),
+     r"state_dict\.policy\.probe must be None or a pair \(positional inputs, keyword inputs\) holding a tensor, got str"),
+    ("convergence", _edit("grams", {"features.0": torch.zeros(2, 3)}),
+     r"state_dict\.policy\.grams\['features.0'\] must be a square matrix \(a 2-d tensor\), got a tensor of shape \(2, 3\)"),
+    ("convergence", _edit("streaks", {"features.0": -1}),
+     r"state_dict\.policy\.streaks\['features.0'\] must be a non-negative int, got -1"),
+    ("convergence", _edit("similarity", {"features.0": "high"}),
+     r"state_dict\.policy\.similarity\['features.0'\] must be a number, got 'high'"),
+    # a valid new probe before a bad field: the probe is not replaced either
+    ("convergence", lambda s: s.update(probe=((torch.ones(2, 1, 6, 6),), {}), target="x"),
+     r"state_dict\.policy\.target must be a non-negative int, got 'x'"),
+])
+def test_a_bad_policy_field_is_refused_by_path_and_nothing_is_loaded(policy, edit, message):
+    twin_model, twin_opt, twin = build("convbn", policy, "step")  # never sees the refused state
+    expected = []
+    for step in range(STEPS):
+        one_step(twin_model, twin_opt, twin, step)
+        expected.append(twin.state_dict())
+
+    model, opt, freezing = build("convbn", policy, "step")
+    for step in range(7):
+        one_step(model, opt, freezing, step)
+    source = freezing.state_dict()
+    for step in range(7, 9):  # this run moves on; the refused load must leave it here
+        one_step(model, opt, freezing, step)
+    before = freezing.state_dict()
+    groups = [list(g["params"]) for g in opt.param_groups]
+    edit(source["policy"])
+    with pytest.raises(ValueError, match=message):
+        freezing.load_state_dict(source)
+    assert same(freezing.state_dict(), before)
+    assert [list(g["params"]) for g in opt.param_groups] == groups
+
+    for step in range(9, STEPS):  # the next steps act on the run's own state, not on part of the refused one
+        one_step(model, opt, freezing, step)
+        assert same(freezing.state_dict(), expected[step]), f"state differs at step {step}"
+
+
+def test_a_refused_state_before_attach_is_not_kept():
+    _, _, source = build("convbn", "gradient", "step")
+    state = source.state_dict()
+    state["policy"]["previous"] = "abc"
+    pending = lf.LayerFreezing(policy=make_policy("gradient"), interval="step")
+    with pytest.raises(ValueError, match=r"state_dict\.policy\.previous must be a dict of names or None"):
+        pending.load_state_dict(state)
+    model = ConvBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pending.attach(model, opt, total_steps=STEPS)  # starts fresh: nothing pending
+    assert pending.state_dict()["policy"]["previous"] is None
+
+
+@pytest.mark.parametrize("policy, state, message", [
+    (lambda: GradientChange(), {"count": 0, "measured": 0, "sums": {}, "previous": "abc", "target": 0,
+                                "changes": None}, r"^policy\.previous must be a dict of names or None, got 'abc'"),
+    (lambda: FreezeOut(), {"step": None}, r"^policy\.step must be a non-negative int, got None"),
+    (lambda: Convergence(), [], r"^policy must be a dict from Convergence\.state_dict\(\), got list"),
+])
+def test_policy_load_state_dict_called_directly_names_the_field(policy, state, message):
+    with pytest.raises(ValueError, match=message):
+        policy().load_state_dict(state)

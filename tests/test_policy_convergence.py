@@ -168,8 +168,8 @@ def test_similarity_below_threshold_blocks_the_layers_after_it():
     "kwargs, message",
     [
         ({"metric": "svcca"}, r"metric must be one of 'cka', got 'svcca'"),
-        ({"threshold": 0.0}, r"threshold must be a number in \(0, 1\], got 0.0"),
-        ({"threshold": 1.2}, r"threshold must be a number in \(0, 1\], got 1.2"),
+        ({"threshold": 0.0}, r"threshold must be in \(0, 1\], got 0.0"),
+        ({"threshold": 1.2}, r"threshold must be in \(0, 1\], got 1.2"),
         ({"every": 0}, r"every must be a positive int, got 0"),
         ({"max_samples": -3}, r"max_samples must be a positive int, got -3"),
         ({"patience": 0}, r"patience must be a positive int, got 0"),

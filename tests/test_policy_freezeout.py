@@ -253,9 +253,9 @@ def test_parameters_outside_every_layer_get_a_group_of_their_own():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"t0": 0.0}, ValueError, r"t0 must be a number in \(0, 1\], got 0.0"),
-        ({"t0": 1.5}, ValueError, r"t0 must be a number in \(0, 1\], got 1.5"),
-        ({"t0": True}, ValueError, r"t0 must be a number in \(0, 1\], got True"),
+        ({"t0": 0.0}, ValueError, r"t0 must be in \(0, 1\], got 0.0"),
+        ({"t0": 1.5}, ValueError, r"t0 must be in \(0, 1\], got 1.5"),
+        ({"t0": True}, TypeError, r"t0 must be a number in \(0, 1\], got True"),
         ({"spacing": "quartic"}, ValueError, r"spacing must be one of 'linear', 'squared', 'cubic', got 'quartic'"),
         ({"scale_lr": "yes"}, TypeError, r"scale_lr must be a bool, got str"),
     ],

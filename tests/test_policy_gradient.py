@@ -133,8 +133,8 @@ def test_observes_after_gradient_clipping():
         ({"every": 0}, r"every must be a positive int, got 0"),
         ({"every": 2.5}, r"every must be a positive int, got 2.5"),
         ({"samples": 0}, r"samples must be a positive int, got 0"),
-        ({"percentile": -1}, r"percentile must be a number in \[0, 100\], got -1"),
-        ({"percentile": 101.0}, r"percentile must be a number in \[0, 100\], got 101.0"),
+        ({"percentile": -1}, r"percentile must be in \[0, 100\], got -1"),
+        ({"percentile": 101.0}, r"percentile must be in \[0, 100\], got 101.0"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

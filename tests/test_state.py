@@ -104,7 +104,7 @@ def test_malformed_state_is_refused(state, message):
 
 
 def test_malformed_state_before_attach_is_refused_at_once():
-    with pytest.raises(ValueError, match=r"state_dict\['step'\] must be a non-negative int"):
+    with pytest.raises(ValueError, match=r"state_dict\.step must be a non-negative int"):
         lf.LayerFreezing().load_state_dict({
             "format": 1, "step": -1, "epoch": 0, "depth": 0, "fraction": 0.0, "changes": 0,
             "layers": [], "frozen": [], "policy": {},
@@ -137,12 +137,12 @@ def _fresh(**kwargs):
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.update(depth=1), r"state_dict is inconsistent: depth 1 freezes 2 parameter\(s\)"),
     (lambda s: s.update(layers=s["layers"][::-1]), "another order than this model's definition order"),
-    (lambda s: s.update(fraction=float("nan")), r"state_dict\['fraction'\] must be a finite number"),
-    (lambda s: s.update(fraction="x"), r"state_dict\['fraction'\] must be a finite number"),
-    (lambda s: s.update(frozen=None), r"state_dict\['frozen'\] must be a list of names"),
-    (lambda s: s.update(frozen="features.0.weight"), r"state_dict\['frozen'\] must be a list of names"),
-    (lambda s: s.update(layers=None), r"state_dict\['layers'\] must be a list of names"),
-    (lambda s: s.update(policy=None), r"state_dict\['policy'\] must be a dict"),
+    (lambda s: s.update(fraction=float("nan")), r"state_dict\.fraction must be a finite number"),
+    (lambda s: s.update(fraction="x"), r"state_dict\.fraction must be a finite number"),
+    (lambda s: s.update(frozen=None), r"state_dict\.frozen must be a list of names"),
+    (lambda s: s.update(frozen="features.0.weight"), r"state_dict\.frozen must be a list of names"),
+    (lambda s: s.update(layers=None), r"state_dict\.layers must be a list of names"),
+    (lambda s: s.update(policy=None), r"state_dict\.policy must be a dict"),
     (lambda s: s["config"].update(unit="owner"), "saved with unit='owner' but this LayerFreezing has unit='leaf'"),
     (lambda s: s["config"].update(shared="trainable"), "saved with shared='trainable'"),
 ])
@@ -183,3 +183,78 @@ def test_optimizer_loaded_before_freezing_state_gets_a_hint():
         fresh_opt.load_state_dict(ckpt["opt"])
     freezing.load_state_dict(ckpt["freezing"])
     fresh_opt.load_state_dict(ckpt["opt"])  # the right order works
+
+
+def test_pending_state_survives_a_refused_attach_and_resumes_on_the_right_model():
+    _, _, source = trained({"freeze_start": 0.0})
+    saved = source.state_dict()
+    freezing = lf.LayerFreezing(freeze_start=0.0)
+    freezing.load_state_dict(copy.deepcopy(saved))
+    wrong = TinyEncoder()
+    with pytest.raises(ValueError, match="state_dict does not match this model: it names layer 'features.0'"):
+        freezing.attach(wrong, torch.optim.SGD(wrong.parameters(), lr=0.01), 8)
+    assert all(p.requires_grad for p in wrong.parameters())
+    model = ConvBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    freezing.attach(model, opt, total_steps=8, steps_per_epoch=2)
+    assert (freezing.state_dict()["step"], freezing.state_dict()["epoch"], freezing.frozen_depth) == (6, 3, 3)
+    assert freezing.frozen_parameters == ["features.0.bias", "features.0.weight", "features.1.bias",
+                                          "features.1.weight", "features.3.bias", "features.3.weight"]
+    train_step(model, [opt], batch_for(model))
+    freezing.step()
+    freezing.step()  # step 8: the end of epoch 4, fraction 1.0
+    assert (freezing.state_dict()["step"], freezing.frozen_depth) == (8, 4)
+
+
+def test_a_refused_attach_for_another_reason_keeps_the_pending_state_too():
+    _, _, source = trained({"freeze_start": 0.0})
+    freezing = lf.LayerFreezing(freeze_start=0.0)
+    freezing.load_state_dict(source.state_dict())
+    model = ConvBN()
+    with pytest.raises(ValueError, match="total_steps must be a positive int, got 0"):
+        freezing.attach(model, torch.optim.SGD(model.parameters(), lr=0.01), 0)
+    freezing.attach(model, torch.optim.SGD(model.parameters(), lr=0.01), 8, steps_per_epoch=2)
+    assert freezing.state_dict() == source.state_dict()
+
+
+# -- FreezingState: the checkpoint state as plain data ------------------------------------
+
+def test_freezing_state_round_trips_and_is_what_state_dict_returns():
+    from layerfreeze.state import FreezingState
+
+    _, _, freezing = trained({"freeze_start": 0.0})
+    state = freezing.state_dict()
+    checked = FreezingState.from_dict(state)
+    assert (checked.step, checked.epoch, checked.depth, checked.fraction, checked.changes) == (6, 3, 3, 0.75, 3)
+    assert checked.layers == ("features.0", "features.1", "features.3", "features.4", "head")
+    assert checked.traced is True and checked.policy == {}
+    assert checked.config == {"interval": "epoch", "order": "definition", "batchnorm": "train", "shared": "freeze",
+                              "unit": "leaf", "total_steps": 8, "policy": "Linear", "freeze_start": 0.0,
+                              "freeze_level": 1.0, "measure": "layers"}
+    assert checked.to_dict() == state
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(epoch=1.5), r"^state_dict\.epoch must be a non-negative int, got 1.5$"),
+    (lambda s: s.update(depth=True), r"^state_dict\.depth must be a non-negative int, got True$"),
+    (lambda s: s.update(changes="3"), r"^state_dict\.changes must be a non-negative int, got '3'$"),
+    (lambda s: s.update(fraction=float("inf")), r"^state_dict\.fraction must be a finite number, got inf$"),
+    (lambda s: s.update(layers=["a", 3]), r"^state_dict\.layers must be a list of names, got \['a', 3\]$"),
+    (lambda s: s.update(traced="yes"), r"^state_dict\.traced must be a bool, got 'yes'$"),
+    (lambda s: s.update(config=[1]), r"^state_dict\.config must be a dict, got list$"),
+    (lambda s: s["config"].update(unit=["leaf"]), r"^state_dict\.config\.unit must be a str, got \['leaf'\]$"),
+    (lambda s: s["config"].update(total_steps=-8), r"^state_dict\.config\.total_steps must be a non-negative int"),
+    (lambda s: s.update(format=2), r"^state_dict format 2 is not supported \(expected 1\)$"),
+    (lambda s: s.pop("policy"), r"^state_dict is not from LayerFreezing\.state_dict\(\): missing key 'policy'$"),
+])
+def test_every_field_is_checked_and_named_by_its_path(edit, message):
+    state = copy.deepcopy(_state_of())
+    edit(state)
+    model, opt, freezing = _fresh()
+    freezing.set_depth(1)
+    before = freezing.state_dict()
+    with pytest.raises(ValueError, match=message):
+        freezing.load_state_dict(state)
+    assert freezing.state_dict() == before
+    with pytest.raises(ValueError, match=message):  # the same before attach
+        lf.LayerFreezing(freeze_start=0.0).load_state_dict(state)

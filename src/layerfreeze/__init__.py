@@ -1,5 +1,15 @@
 """layerfreeze: progressive layer freezing for PyTorch, exact and resumable.
 
+Modules: ``layers`` (which layers, in what order), ``schedule`` (progress to
+depth), ``freezer`` (the rule for which parameters a depth freezes, and applying
+it), ``functional`` (Composer's ``freeze_layers``), ``algorithm``
+(``LayerFreezing``: events, decisions) with ``state`` (its checkpoint state),
+``validation`` (argument checks) and ``hints`` (warnings); ``policies`` (when to
+freeze: ``Linear``, ``FreezeOut``, ``GradientChange``, ``Convergence``); ``cache``
+(frozen-prefix activation caching); ``gradient_bridge`` (frozen layers before
+reentrant activation checkpointing); ``distributed`` (DDP, FSDP, ZeRO);
+``integrations`` (Lightning, Transformers, Composer).
+
 Example:
     >>> import torch, layerfreeze as lf
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))

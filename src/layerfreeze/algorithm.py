@@ -3,31 +3,32 @@
 Trainer-agnostic. A plain loop calls :meth:`LayerFreezing.step` after each
 optimizer step (like an LR scheduler); trainer integrations translate their
 events into :meth:`step` and :meth:`epoch_end` calls.
+
+This module holds the events (attach, step, epoch end), the decision and its
+application. Beside it: :mod:`layerfreeze.state` (the checkpoint state as plain
+data), :mod:`layerfreeze.validation` (argument checks), :mod:`layerfreeze.hints`
+(warnings to the user), :mod:`layerfreeze.policies` (when to freeze),
+:mod:`layerfreeze.freezer` (which parameters a depth freezes, and freezing them)
+and :mod:`layerfreeze.gradient_bridge` (reentrant activation checkpointing).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import numbers
+import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from . import checkpointing, distributed
-from .freezer import (
-    BATCHNORM_MODES,
-    SHARED_RULES,
-    Freezer,
-    check_choice,
-    summarize,
-    validate_model,
-    validate_optimizers,
-)
+from . import distributed, hints, recompiles
+from .freezer import BATCHNORM_MODES, SHARED_RULES, Freezer, validate_model, validate_optimizers
+from .gradient_bridge import GradientBridge
+from .hints import summarize
 from .layers import UNITS, ExecutionTracer, Layer, definition_order, execution_order, layer_flops
 from .policies import Context, Linear, Policy, Progress
-from .schedule import depth_for_fraction
+from .state import FreezingState
+from .validation import check_choice, check_int, is_int
 
 __all__ = ["LayerFreezing", "LAYERS_FROZEN", "PERCENTAGE_FROZEN", "PARAMS_FROZEN"]
 
@@ -40,17 +41,11 @@ PARAMS_FROZEN = "layer_freezing/params_frozen"
 
 INTERVALS = ("epoch", "step")
 ORDERS = ("definition", "execution")
-_STATE_FORMAT = 1
-_STATE_KEYS = ("format", "step", "epoch", "depth", "fraction", "changes", "layers", "frozen", "policy")
 
-
-def _positive_int(name: str, value: object, *, optional: bool = False) -> Optional[int]:
-    if optional and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        accepted = "a positive int or None" if optional else "a positive int"
-        raise ValueError(f"{name} must be {accepted}, got {value!r}")
-    return int(value)
+# Which LayerFreezing each attached policy serves, by id(policy): kept here rather
+# than on the policy object. Weak values: an entry goes with its LayerFreezing, and
+# that holds its policy, so an id cannot be reused while its entry exists.
+_POLICY_OWNERS: "weakref.WeakValueDictionary[int, LayerFreezing]" = weakref.WeakValueDictionary()
 
 
 def _as_runner(example_inputs: Any) -> Callable[[nn.Module], Any]:
@@ -59,21 +54,6 @@ def _as_runner(example_inputs: Any) -> Callable[[nn.Module], Any]:
     if isinstance(example_inputs, Mapping):
         return lambda m: m(**example_inputs)
     return lambda m: m(example_inputs)
-
-
-def _check_group_sizes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
-    # Registered on each attached optimizer: turn torch's bare "doesn't match the
-    # size of optimizer's group" into the cause and the fix (Lightning #6891).
-    saved = state_dict.get("param_groups", [])
-    if len(saved) != len(optimizer.param_groups):
-        return  # torch's own error says it
-    for index, (group, saved_group) in enumerate(zip(optimizer.param_groups, saved)):
-        if len(group["params"]) != len(saved_group.get("params", ())):
-            raise ValueError(
-                f"optimizer state_dict has {len(saved_group['params'])} parameter(s) in group {index}, but the "
-                f"optimizer's group holds {len(group['params'])} now: the frozen set differs from the "
-                "checkpoint's. HINT: call freezing.load_state_dict(...) BEFORE optimizer.load_state_dict(...)"
-            )
 
 
 class LayerFreezing:
@@ -106,7 +86,8 @@ class LayerFreezing:
         measure: ``"layers"`` or ``"flops"`` (cost-aware: the fraction counts forward
             FLOPs; needs ``example_inputs`` at attach).
         max_changes: at most this many changes of the frozen set (bounds
-            ``torch.compile`` recompilations); None for no bound.
+            ``torch.compile`` recompilations: a graph per frozen set in training, one
+            more per frozen set where the compiled model also evaluates); None for no bound.
         log_fn: called with a dict of metrics at every decision, for a trainer's logger.
 
     Example:
@@ -148,17 +129,18 @@ class LayerFreezing:
         self.batchnorm = check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
         self.shared = check_choice("shared", shared, SHARED_RULES)
         self.unit = check_choice("unit", unit, UNITS)
-        self.max_changes = _positive_int("max_changes", max_changes, optional=True)
+        self.max_changes = check_int("max_changes", max_changes, optional=True)
         if log_fn is not None and not callable(log_fn):
             raise TypeError(f"log_fn must be callable, got {type(log_fn).__name__}")
         self.policy = policy
         self.log_fn = log_fn
         self._attached = False
-        self._pending_state: Optional[dict[str, Any]] = None
+        self._pending_state: Optional[FreezingState] = None
         self._tracer: Optional[ExecutionTracer] = None
+        self._traced_hooks: Optional[ExecutionTracer] = None  # a resolved tracer whose hooks compiled code inlined
         self._freezer: Optional[Freezer] = None
         self._wrapper: Optional[nn.Module] = None
-        self._bridge: Optional[checkpointing.GradientBridge] = None
+        self._bridge: Optional[GradientBridge] = None
         self._load_hooks: list[Any] = []
         self._reset_run()
 
@@ -201,25 +183,21 @@ class LayerFreezing:
         inner = validate_model(model)
         distributed.check_model(model)
         optimizer_list = validate_optimizers(model, optimizers)
-        total_steps = _positive_int("total_steps", total_steps)
-        steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch, optional=True)
+        total_steps = check_int("total_steps", total_steps)
+        steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, optional=True)
         if self.policy.needs_costs and example_inputs is None:
             raise ValueError("example_inputs is required with measure='flops' (the policy counts layer FLOPs)")
-        if getattr(self.policy, "_layerfreeze_bound_to", None) not in (None, id(self)):
+        if _POLICY_OWNERS.get(id(self.policy), self) is not self:
             raise ValueError(
                 f"policy {type(self.policy).__name__} is attached through another LayerFreezing; "
                 "give each LayerFreezing its own policy object"
             )
 
         layers = definition_order(inner, self.unit)
-        self._warn_about_orphans(inner, layers)
-        if len(layers) < 2:
-            log.warning(
-                "layerfreeze: %s has %d layer(s); the last layer is never frozen, so nothing "
-                "will freeze", type(inner).__name__, len(layers),
-            )
+        hints.warn_orphans(inner, layers, self.unit)
+        hints.warn_few_layers(inner, layers)
         run = _as_runner(example_inputs) if example_inputs is not None else None
-        pending_traced = self._pending_state is not None and self._pending_state.get("traced", True)
+        pending_traced = self._pending_state is not None and self._pending_state.traced
         costs = None
         try:
             if self.order == "execution" and not pending_traced and run is not None:
@@ -246,32 +224,37 @@ class LayerFreezing:
             self.total_steps = total_steps
             self.steps_per_epoch = steps_per_epoch
             self.policy.bind(self._context)
-            self.policy._layerfreeze_bound_to = id(self)
+            _POLICY_OWNERS[id(self.policy)] = self
             self._load_hooks = [
-                opt.register_load_state_dict_pre_hook(_check_group_sizes)
-                for opt in optimizer_list if hasattr(opt, "register_load_state_dict_pre_hook")
+                opt.register_load_state_dict_pre_hook(hints.check_group_sizes)
+                for opt in optimizer_list if hasattr(opt, "_optimizer_load_state_dict_pre_hooks")
             ]
-            # Reentrant activation checkpointing after frozen layers (checkpointing.py, issue 6 item 7).
-            self._bridge = checkpointing.GradientBridge(inner, layers)
+            # Reentrant activation checkpointing after frozen layers (gradient_bridge.py, issue 6 item 7).
+            self._bridge = GradientBridge(inner, layers)
             self._attached = True
         except BaseException:
             self.detach()  # undo what this attach changed before it failed
             raise
-        self._warn_if_nothing_freezes()
+        hints.warn_one_epoch(self.interval, self.steps_per_epoch, self.total_steps)
+        recompiles.warn_recompile_limit(
+            model, len(layers), self.max_changes, self.interval, total_steps, steps_per_epoch)
+        for message in self.policy.hints(self._context):
+            log.warning("layerfreeze: %s", message)
         if self._pending_state is not None:
-            pending, self._pending_state = self._pending_state, None
             try:
-                self.load_state_dict(pending)
+                self._load(self._pending_state)
             except Exception:
-                self.detach()
+                self.detach()  # the state stays pending: an attach to the right model applies it
                 raise
+            self._pending_state = None
         return self
 
     def detach(self) -> None:
         """Unfreeze everything this object froze and remove its hooks."""
-        if self._tracer is not None:
-            self._tracer.remove()
-            self._tracer = None
+        for tracer in (self._tracer, self._traced_hooks):
+            if tracer is not None:
+                tracer.remove()
+        self._tracer = self._traced_hooks = None
         if self._freezer is not None:
             self._freezer.release()
             distributed.on_trainable_change(self._wrapper)
@@ -279,7 +262,8 @@ class LayerFreezing:
             self._bridge.remove()
             self._bridge = None
         self.policy.release()
-        self.policy._layerfreeze_bound_to = None
+        if _POLICY_OWNERS.get(id(self.policy)) is self:
+            del _POLICY_OWNERS[id(self.policy)]
         for handle in self._load_hooks:
             handle.remove()
         self._load_hooks = []
@@ -317,9 +301,9 @@ class LayerFreezing:
         """
         self._require_attached("set_depth")
         self._resolve_layers()
-        count = len(self._freezer.layers)
-        if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or not 0 <= depth <= max(count - 1, 0):
-            raise ValueError(f"depth must be an int in [0, {max(count - 1, 0)}], got {depth!r}")
+        limit = max(len(self._freezer.layers) - 1, 0)
+        if not is_int(depth) or not 0 <= depth <= limit:
+            raise ValueError(f"depth must be an int in [0, {limit}], got {depth!r}")
         self._apply(int(depth))
 
     # -- state -------------------------------------------------------------
@@ -354,30 +338,22 @@ class LayerFreezing:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly, as plain data keyed by parameter names."""
+        """Everything needed to resume exactly, as plain data keyed by parameter names
+        (see :class:`layerfreeze.state.FreezingState`)."""
         self._require_attached("state_dict")
         self._resolve_layers()
-        return {
-            "format": _STATE_FORMAT,
-            "step": self._step,
-            "epoch": self._epoch,
-            "depth": self._freezer.depth,
-            "fraction": self._fraction,
-            "changes": self._changes,
-            "layers": [layer.name for layer in self._freezer.layers],
-            "traced": self._tracer is None,
-            "frozen": sorted(self._freezer.frozen_names),
-            "policy": self.policy.state_dict(),
-            "config": {
-                "interval": self.interval,
-                "order": self.order,
-                "batchnorm": self.batchnorm,
-                "shared": self.shared,
-                "unit": self.unit,
-                "total_steps": self.total_steps,
-                **self.policy.describe(),
-            },
-        }
+        return FreezingState(
+            step=self._step,
+            epoch=self._epoch,
+            depth=self._freezer.depth,
+            fraction=self._fraction,
+            changes=self._changes,
+            layers=tuple(layer.name for layer in self._freezer.layers),
+            frozen=tuple(sorted(self._freezer.frozen_names)),
+            traced=self._tracer is None,
+            policy=self.policy.state_dict(),
+            config={**self._settings(), "total_steps": self.total_steps, **self.policy.describe()},
+        ).to_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`.
@@ -385,19 +361,53 @@ class LayerFreezing:
         Call it after :meth:`attach` and BEFORE ``optimizer.load_state_dict``: it
         takes the frozen parameters out of the param groups so that the groups
         have the sizes the saved optimizer state expects. Called before attach,
-        the state is kept and applied by attach.
+        the state is checked at once and kept until an attach to a model it
+        matches applies it.
+
+        Every field is checked (its type, then against the model and the policy)
+        before anything is applied: a refused state changes nothing.
 
         Raises:
-            ValueError: if ``state`` is malformed or comes from a different model;
-                nothing changes then.
+            ValueError: if ``state`` is malformed or comes from a different model,
+                naming the field by its path (``state_dict.policy.previous``, say).
         """
-        state = self._check_state(state)
+        checked = FreezingState.from_dict(state)
+        self.policy.check_state(checked.policy, "state_dict.policy")
         if not self._attached:
-            self._pending_state = dict(state)
+            self._pending_state = checked
             return
-        config = state.get("config") or {}
+        self._load(checked)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"interval": self.interval, "order": self.order, "batchnorm": self.batchnorm,
+                "shared": self.shared, "unit": self.unit}
+
+    def _load(self, state: FreezingState) -> None:
+        # Checks first, against this model and policy; then the changes, none of which can fail.
+        layers = self._check_against_model(state)
+        policy_state = self.policy.check_state(state.policy, "state_dict.policy")
+        settings = self._settings()
+        hints.warn_other_settings(
+            dict(state.config),
+            {key: settings[key] for key in ("interval", "order", "batchnorm")} | self.policy.describe(),
+            self.total_steps,
+        )
+        self.policy.apply_state(policy_state)
+        if self._tracer is not None and state.traced:
+            self._tracer.remove()
+            self._tracer = None
+        self._freezer.layers = layers
+        self._context.layers = layers
+        self._freezer.apply_names(set(state.frozen), state.depth)
+        self._bridge.update(layers[: state.depth])
+        self._step, self._epoch = state.step, state.epoch
+        self._fraction, self._changes = state.fraction, state.changes
+        distributed.on_trainable_change(self._wrapper)
+
+    def _check_against_model(self, state: FreezingState) -> list[Layer]:
+        """The saved layers of this model, in the saved order, after checking the state fits it."""
         for key in ("unit", "shared"):
-            saved = config.get(key)
+            saved = state.config.get(key)
             if saved is not None and saved != getattr(self, key):
                 raise ValueError(
                     f"state_dict was saved with {key}={saved!r} but this LayerFreezing has "
@@ -405,92 +415,38 @@ class LayerFreezing:
                 )
         definition = definition_order(self._freezer.model, self.unit)
         by_name = {layer.name: layer for layer in definition}
-        missing = [name for name in state["layers"] if name not in by_name]
-        extra = sorted(set(by_name) - set(state["layers"]))
-        if missing or extra or len(state["layers"]) != len(by_name):
+        missing = [name for name in state.layers if name not in by_name]
+        extra = sorted(set(by_name) - set(state.layers))
+        if missing or extra or len(state.layers) != len(by_name):
             detail = f"it names layer {missing[0]!r}, which this model lacks" if missing else (
                 f"this model has layer(s) it does not name: {summarize(extra)}")
             raise ValueError(f"state_dict does not match this model: {detail}")
-        if self.order == "definition" and list(state["layers"]) != [layer.name for layer in definition]:
+        if self.order == "definition" and list(state.layers) != [layer.name for layer in definition]:
             raise ValueError(
                 "state_dict lists the layers in another order than this model's definition order "
-                f"(saved with order={config.get('order', '?')!r}?); construct LayerFreezing with the "
+                f"(saved with order={state.config.get('order', '?')!r}?); construct LayerFreezing with the "
                 "checkpoint's order"
             )
-        unknown = sorted(set(state["frozen"]) - set(dict(self._freezer.model.named_parameters())))
+        unknown = sorted(set(state.frozen) - set(dict(self._freezer.model.named_parameters())))
         if unknown:
             raise ValueError(
                 f"state_dict does not match this model: it freezes parameter {unknown[0]!r}, "
                 "which this model lacks"
             )
-        depth = state["depth"]
+        depth = state.depth
         if not 0 <= depth <= max(len(by_name) - 1, 0):
             raise ValueError(f"state_dict does not match this model: depth {depth} with {len(by_name)} layers")
-        layers = [by_name[name] for name in state["layers"]]
+        layers = [by_name[name] for name in state.layers]
         expected = self._freezer.names_for_depth(depth, layers)
-        if set(state["frozen"]) != expected:
+        frozen = set(state.frozen)
+        if frozen != expected:
             raise ValueError(
                 f"state_dict is inconsistent: depth {depth} freezes {len(expected)} parameter(s) of "
-                f"these layers, but it lists {len(set(state['frozen']))} ({summarize(sorted(set(state['frozen']) ^ expected))} differ)"
+                f"these layers, but it lists {len(frozen)} ({summarize(sorted(frozen ^ expected))} differ)"
             )
-        differing = [
-            f"{key}={config[key]!r} (now {value!r})"
-            for key, value in (("interval", self.interval), ("order", self.order), ("batchnorm", self.batchnorm),
-                               *self.policy.describe().items())
-            if key in config and config[key] != value
-        ]
-        if differing:
-            log.warning(
-                "layerfreeze: resuming with other settings than the checkpoint's: %s; the run "
-                "continues with the new ones", ", ".join(differing),
-            )
-        saved_total = config.get("total_steps")
-        if saved_total is not None and saved_total != self.total_steps:
-            log.warning(
-                "layerfreeze: resuming with total_steps=%d, but the checkpoint was made with %d; "
-                "the schedule continues on the new length", self.total_steps, saved_total,
-            )
-        self.policy.load_state_dict(state["policy"])
-        if self._tracer is not None and state.get("traced", True):
-            self._tracer.remove()
-            self._tracer = None
-        self._freezer.layers = layers
-        self._context.layers = layers
-        self._freezer.apply_names(set(state["frozen"]), depth)
-        self._bridge.update(layers[:depth])
-        self._step, self._epoch = int(state["step"]), int(state["epoch"])
-        self._fraction, self._changes = float(state["fraction"]), int(state["changes"])
-        distributed.on_trainable_change(self._wrapper)
+        return layers
 
     # -- internals ---------------------------------------------------------
-    @staticmethod
-    def _check_state(state: Any) -> Mapping[str, Any]:
-        if not isinstance(state, Mapping):
-            raise ValueError(
-                f"state_dict must be a dict from LayerFreezing.state_dict(), got {type(state).__name__}"
-            )
-        missing = [key for key in _STATE_KEYS if key not in state]
-        if missing:
-            raise ValueError(
-                f"state_dict is not from LayerFreezing.state_dict(): missing key {missing[0]!r}"
-            )
-        if state["format"] != _STATE_FORMAT:
-            raise ValueError(f"state_dict format {state['format']!r} is not supported (expected {_STATE_FORMAT})")
-        for key in ("step", "epoch", "depth", "changes"):
-            value = state[key]
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"state_dict[{key!r}] must be a non-negative int, got {value!r}")
-        fraction = state["fraction"]
-        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not math.isfinite(fraction):
-            raise ValueError(f"state_dict['fraction'] must be a finite number, got {fraction!r}")
-        for key in ("layers", "frozen"):
-            value = state[key]
-            if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) for name in value):
-                raise ValueError(f"state_dict[{key!r}] must be a list of names, got {value!r:.80}")
-        if not isinstance(state["policy"], Mapping):
-            raise ValueError(f"state_dict['policy'] must be a dict, got {type(state['policy']).__name__}")
-        return state
-
     def _require_attached(self, what: str) -> None:
         if not self._attached:
             raise RuntimeError(
@@ -511,9 +467,9 @@ class LayerFreezing:
 
     def _resolve_layers(self) -> None:
         tracer = self._tracer
-        if tracer is not None and tracer.done:
-            layers = tracer.order()
-            self._tracer = None
+        layers = tracer.resolve(self._wrapper) if tracer is not None else None
+        if layers is not None:
+            self._tracer, self._traced_hooks = None, tracer
             self._freezer.layers = layers
             self._context.layers = layers
 
@@ -543,6 +499,9 @@ class LayerFreezing:
                 )
         before = self._freezer.depth
         if self._freezer.apply(depth):
+            if self._traced_hooks is not None:
+                self._traced_hooks.remove()  # dynamo recompiles for the new frozen set anyway
+                self._traced_hooks = None
             self._bridge.update(self._freezer.layers[:depth])
             self._changes += 1
             distributed.on_trainable_change(self._wrapper)
@@ -555,53 +514,10 @@ class LayerFreezing:
             self._hint_batchnorm()
 
     def _warn_no_epoch_end(self) -> None:
-        if self._epoch_warned:
-            return
-        self._epoch_warned = True
-        log.warning(
-            "layerfreeze: %d of %d steps done and epoch_end() was never called; with interval='epoch' "
-            "and no steps_per_epoch nothing freezes. HINT: pass steps_per_epoch to attach(), call "
-            "freezing.epoch_end() at each epoch end, or use interval='step'", self._step, self.total_steps,
-        )
+        if not self._epoch_warned:
+            self._epoch_warned = True
+            hints.warn_no_epoch_end(self._step, self.total_steps)
 
     def _hint_batchnorm(self) -> None:
-        if self.batchnorm != "train" or self._bn_hinted:
-            return
-        if any(isinstance(layer.module, nn.modules.batchnorm._NormBase) for layer in
-               self._freezer.layers[: self._freezer.depth]):
-            self._bn_hinted = True
-            log.warning(
-                "layerfreeze: frozen BatchNorm layers keep updating their running statistics "
-                "(batchnorm='train', Composer's behaviour). HINT: pass batchnorm='eval' to "
-                "LayerFreezing to hold them fixed."
-            )
-
-    def _warn_about_orphans(self, model: nn.Module, layers: Sequence[Layer]) -> None:
-        if self.unit != "leaf":
-            return
-        held = {name for layer in layers for name in layer.param_names}
-        orphans = [n for n, p in model.named_parameters() if p.requires_grad and n not in held]
-        if orphans:
-            log.warning(
-                "layerfreeze: %d trainable parameter(s) belong to no layer under unit='leaf' (Composer's "
-                "definition of a layer: leaf modules only) and never freeze: %s. Where they are used "
-                "before frozen layers, backward still runs through those layers to reach them. HINT: "
-                "unit='owner' makes every module that owns parameters a layer",
-                len(orphans), summarize(orphans),
-            )
-
-    def _warn_if_nothing_freezes(self) -> None:
-        if self.interval == "epoch" and self.steps_per_epoch is not None and self.steps_per_epoch >= self.total_steps:
-            log.warning(
-                "layerfreeze: a one-epoch run with interval='epoch' freezes only after its last step. "
-                "HINT: pass interval='step'"
-            )
-        if not isinstance(self.policy, Linear) or self.policy.measure != "layers":
-            return
-        count = len(self._freezer.layers)
-        if self.policy.freeze_level > 0 and depth_for_fraction(self.policy.freeze_level, count) == 0:
-            log.warning(
-                "layerfreeze: freeze_level=%s with %d layers freezes nothing: int(%s * %d) = 0. "
-                "HINT: raise freeze_level to at least %.3g",
-                self.policy.freeze_level, count, self.policy.freeze_level, count - 1, 1 / max(count - 1, 1),
-            )
+        if self.batchnorm == "train" and not self._bn_hinted:
+            self._bn_hinted = hints.warn_frozen_batchnorm(self._freezer.layers[: self._freezer.depth])

@@ -26,10 +26,16 @@ What this module does, called by :class:`layerfreeze.LayerFreezing`:
 
 FSDP2 (``fully_shard``) follows ``requires_grad`` changes by itself and needs
 nothing here; FSDP1 needs ``use_orig_params=True`` (see docs/distributed.md).
+
+ZeroRedundancyOptimizer keeps a local optimizer over this rank's share of the
+parameters and the partition that assigned them: :func:`sync_zero` makes both
+follow each change of its param groups. DeepSpeed engines fix the trainable set
+at ``deepspeed.initialize`` and are refused (:func:`check_deepspeed`).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -48,6 +54,11 @@ __all__ = [
     "on_trainable_change",
     "check_agreement",
     "rebuild_unsupported_reason",
+    "check_deepspeed",
+    "check_optimizer",
+    "is_zero",
+    "remember_partition",
+    "sync_zero",
 ]
 
 log = logging.getLogger("layerfreeze")
@@ -354,3 +365,156 @@ def check_agreement(model: nn.Module, step: int, depth: int) -> None:
             f"layerfreeze ranks disagree ({detail}). HINT: call freezing.step() after every "
             "optimizer step on every rank"
         )
+
+
+# -- ZeroRedundancyOptimizer ---------------------------------------------------------
+# The partition each ZeroRedundancyOptimizer made at construction: for every rank,
+# the parameters of each param group it owns. Kept per optimizer, so that a thawed
+# parameter returns to the rank that held it (and whose local optimizer it left).
+_PARTITIONS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list[list[list[nn.Parameter]]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _zero_class() -> Optional[type]:
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:  # pragma: no cover - builds without torch.distributed.optim
+        return None
+    return ZeroRedundancyOptimizer
+
+
+def is_zero(optimizer: object) -> bool:
+    """Whether ``optimizer`` is a ``torch.distributed.optim.ZeroRedundancyOptimizer``."""
+    zero = _zero_class()
+    return zero is not None and isinstance(optimizer, zero)
+
+
+def remember_partition(optimizer: torch.optim.Optimizer) -> None:
+    """Record a ZeroRedundancyOptimizer's partition before its groups first change; else a no-op."""
+    if is_zero(optimizer) and optimizer not in _PARTITIONS:
+        _PARTITIONS[optimizer] = [
+            [list(group["params"]) for group in rank_groups] for rank_groups in optimizer._partition_parameters()
+        ]
+
+
+def sync_zero(optimizer: torch.optim.Optimizer) -> None:
+    """Make a ZeroRedundancyOptimizer follow a change of its (outer) param groups; else a no-op.
+
+    Every rank keeps the parameters the partition gave it at construction, less
+    those out of the groups now: no optimizer state has to move between ranks,
+    and a thawed parameter goes back to its rank's local optimizer with fresh
+    state. The local optimizer's groups (edited in place, its state of removed
+    parameters dropped), the partition and every index ZeRO derives from it
+    (rank of each parameter, global state indices used by ``state_dict`` and
+    ``load_state_dict``, per-device buckets, the trainable mask) follow, the same
+    on every rank and without communication. As layers freeze the ranks' shares
+    can become uneven; ZeRO's greedy partition spreads each group's parameters by
+    size, so every rank usually keeps part of the trainable suffix.
+    """
+    if not is_zero(optimizer):
+        return
+    remember_partition(optimizer)
+    original = _PARTITIONS[optimizer]
+    groups = optimizer.param_groups
+    if any(len(rank_groups) != len(groups) for rank_groups in original):
+        raise RuntimeError(
+            f"ZeroRedundancyOptimizer has {len(groups)} param group(s) but had {len(original[0])} when "
+            "layerfreeze first saw it; add param groups before LayerFreezing.attach"
+        )
+    present = [{id(p) for p in group["params"]} for group in groups]
+    partition: list[list[dict]] = []
+    for rank, rank_groups in enumerate(original):
+        rank_partition = []
+        for index, params in enumerate(rank_groups):
+            kept = [p for p in params if id(p) in present[index]]
+            if rank == optimizer.rank:
+                local = optimizer.optim.param_groups[index]
+                for p in local["params"]:
+                    if id(p) not in present[index]:
+                        optimizer.optim.state.pop(p, None)
+                local["params"][:] = kept
+                rank_partition.append(local)
+            else:
+                group = copy.copy(groups[index])
+                group["params"] = kept
+                rank_partition.append(group)
+        partition.append(rank_partition)
+    optimizer._clear_cache()
+    optimizer._partition_parameters_cache = partition
+    optimizer._is_trainable_mask = optimizer._get_is_trainable_mask()  # handled here: no warning at step
+    if optimizer.parameters_as_bucket_view:
+        optimizer._build_param_buckets()
+
+
+def check_optimizer(optimizer: object, index: int) -> None:
+    """Refuse an optimizer whose trainable set cannot change: changes nothing.
+
+    Raises:
+        TypeError: for a DeepSpeed optimizer wrapper (see :func:`check_deepspeed`).
+        ValueError: for ``ZeroRedundancyOptimizer(overlap_with_ddp=True)``, whose
+            partition follows DDP's gradient buckets and which refuses a change of
+            trainability at its next step.
+    """
+    name = _deepspeed_name(optimizer, _DEEPSPEED_OPTIMIZERS)
+    if name is not None:
+        raise TypeError(
+            f"optimizers[{index}] is a DeepSpeed optimizer ({name}): {_DEEPSPEED_WHY} HINT: {_DEEPSPEED_HINT}"
+        )
+    if is_zero(optimizer) and getattr(optimizer, "_overlap_with_ddp", False):
+        raise ValueError(
+            f"optimizers[{index}] is ZeroRedundancyOptimizer(overlap_with_ddp=True): its partition is "
+            "tied to DDP's gradient buckets and it refuses any change of the trainable parameters. "
+            "HINT: construct it with overlap_with_ddp=False (the default)"
+        )
+
+
+# -- DeepSpeed (detected by name: deepspeed is never imported) ------------------------
+_DEEPSPEED_ENGINES = ("DeepSpeedEngine",)
+_DEEPSPEED_OPTIMIZERS = (
+    "DeepSpeedOptimizer", "ZeROOptimizer", "DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3",
+    "FP16_Optimizer", "FP16_UnfusedOptimizer", "BF16_Optimizer",
+)
+_DEEPSPEED_WHY = (
+    "DeepSpeed fixes the trainable parameters at deepspeed.initialize, flattening them into its "
+    "partitions and fp32 master copies, so layers cannot leave or rejoin its optimizer later "
+    "(DeepSpeed issue #5639)."
+)
+_DEEPSPEED_HINT = (
+    "train with DistributedDataParallel, FSDP2 (torch.distributed.fsdp.fully_shard) or "
+    "ZeroRedundancyOptimizer, which layerfreeze supports, or freeze a fixed prefix (requires_grad=False) "
+    "before deepspeed.initialize"
+)
+
+
+def _deepspeed_name(obj: object, names: tuple[str, ...]) -> Optional[str]:
+    # Any class in the MRO: PipelineEngine and DeepSpeedHybridEngine derive from
+    # DeepSpeedEngine, the ZeRO stages from ZeROOptimizer.
+    for cls in type(obj).__mro__:
+        if cls.__name__ in names and (cls.__name__.startswith("DeepSpeed") or cls.__module__.split(".")[0] == "deepspeed"):
+            return type(obj).__name__
+    return None
+
+
+def check_deepspeed(model: object) -> None:
+    """Refuse a DeepSpeed engine, or a model whose parameters ZeRO-3 partitions; changes nothing.
+
+    Raises:
+        ValueError: for a ``DeepSpeedEngine`` (or a model holding one), or a
+            parameter carrying ZeRO-3's ``ds_id``.
+    """
+    if not isinstance(model, nn.Module):
+        return
+    for name, module in model.named_modules():
+        found = _deepspeed_name(module, _DEEPSPEED_ENGINES)
+        if found is not None:
+            where = "model" if not name else f"model holds {name!r}, which"
+            raise ValueError(f"{where} is a DeepSpeed engine ({found}): {_DEEPSPEED_WHY} HINT: {_DEEPSPEED_HINT}")
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_id"):
+            raise ValueError(
+                f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3 (it has ds_id): {_DEEPSPEED_WHY} "
+                f"HINT: {_DEEPSPEED_HINT}"
+            )

@@ -10,6 +10,7 @@ third, which is why saving its optimizer raises (its issue #1002).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from typing import Any, Iterable, Optional, Sequence
@@ -17,6 +18,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from . import distributed
 from .layers import Layer, iter_unique, parameter_names, unwrap_model
 
 __all__ = ["Freezer", "freeze_parameters", "names_for_depth", "BATCHNORM_MODES", "SHARED_RULES"]
@@ -27,11 +29,39 @@ BATCHNORM_MODES = ("train", "eval")
 SHARED_RULES = ("freeze", "trainable")
 
 
-def names_for_depth(layers: Sequence[Layer], depth: int, shared: str = "freeze") -> set[str]:
-    """Parameter names frozen when the first ``depth`` of ``layers`` are frozen, under the ``shared`` rule."""
+def names_for_depth(
+    layers: Sequence[Layer], depth: int, shared: str = "freeze", *, keep_trainable: Optional[Iterable[str]] = None
+) -> set[str]:
+    """The one rule for which parameters a depth freezes, used by ``freeze_layers`` and ``LayerFreezing`` alike.
+
+    The parameters of the first ``depth`` layers, by canonical name. A parameter
+    held by several layers (tied weights) follows ``shared``: ``"freeze"``
+    (Composer) freezes it with the first frozen layer holding it; ``"trainable"``
+    keeps it trainable while any layer after the prefix holds it.
+
+    ``keep_trainable``: the names trainable before freezing. When given and the
+    prefix would freeze every one of them (a last layer whose only weight is tied
+    to a frozen embedding, as in GPT-style models), the last layer's parameters
+    stay trainable: with nothing left to train the next backward would fail and
+    DDP could not keep a reducer. ``LayerFreezing`` passes it; ``freeze_layers``,
+    Composer's function, does not, and freezes them as Composer does.
+
+    Example:
+        >>> from layerfreeze.layers import definition_order
+        >>> net = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 3), nn.Linear(3, 5, bias=False))
+        >>> net[2].weight = net[0].weight  # tied
+        >>> sorted(names_for_depth(definition_order(net), 2))
+        ['0.weight', '1.bias', '1.weight']
+        >>> sorted(names_for_depth(definition_order(net), 2, keep_trainable=["0.weight", "1.weight", "1.bias"]))
+        ['1.bias', '1.weight']
+    """
     frozen = {n for layer in layers[:depth] for n in layer.param_names}
     if shared == "trainable":
         frozen -= {n for layer in layers[depth:] for n in layer.param_names}
+    if keep_trainable is not None and depth and layers:
+        trainable = set(keep_trainable)
+        if trainable and trainable <= frozen:
+            frozen -= set(layers[-1].param_names)
     return frozen
 
 
@@ -39,7 +69,8 @@ def freeze_parameters(params: Iterable[nn.Parameter], optimizers: Sequence[torch
     """Freeze ``params`` completely: no grad, out of every param group, no optimizer state.
 
     Runs one pass over each param group whatever the number of parameters, so a
-    freeze change on a model with thousands of layers stays cheap.
+    freeze change on a model with thousands of layers stays cheap. Optimizers that
+    keep parameters outside their groups follow (see :func:`sync_optimizer`).
     """
     params = list(params)
     if not params:
@@ -51,21 +82,112 @@ def freeze_parameters(params: Iterable[nn.Parameter], optimizers: Sequence[torch
         p.requires_grad = False
         p.grad = None
     for optimizer in optimizers:
+        distributed.remember_partition(optimizer)  # ZeRO's partition before any edit
+        changed = False
         for group in optimizer.param_groups:
-            kept = [q for q in group["params"] if id(q) not in ids]
-            if len(kept) != len(group["params"]):
-                group["params"] = kept
+            if any(id(q) in ids for q in group["params"]):
+                _set_group(group, [(q, n) for q, n in _pairs(group) if id(q) not in ids])
+                changed = True
         for p in params:
             optimizer.state.pop(p, None)
+        if changed:
+            sync_optimizer(optimizer)
 
 
-def _pinned_eval_train(module: nn.Module, mode: bool = True) -> nn.Module:
-    # Installed as an instance attribute on frozen BatchNorm layers under
-    # batchnorm="eval": whatever mode a trainer asks for (Lightning calls
-    # model.train() each epoch, issue #15062), the layer stays in eval mode.
-    # A functools.partial of a module-level function keeps the model picklable.
-    module.training = False
-    return module
+def _pairs(group: dict[str, Any]) -> list[tuple[nn.Parameter, Optional[str]]]:
+    params, names = group["params"], group.get("param_names")
+    if names is None or len(names) != len(params):
+        return [(p, None) for p in params]
+    return list(zip(params, names))
+
+
+def _set_group(group: dict[str, Any], pairs: Sequence[tuple[nn.Parameter, Optional[str]]]) -> None:
+    # In place: anything holding the group's list (LBFGS's _params, a wrapper that
+    # shares it) sees the change. torch's own ``param_names`` (optimizers built from
+    # named_parameters()) move in step, so state_dict() names the right parameters.
+    params = [p for p, _ in pairs]
+    if isinstance(group["params"], list):
+        group["params"][:] = params
+    else:
+        group["params"] = params
+    names = [n for _, n in pairs]
+    if "param_names" in group and None not in names:
+        if isinstance(group["param_names"], list):
+            group["param_names"][:] = names
+        else:
+            group["param_names"] = names
+
+
+def sync_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Bring what ``optimizer`` keeps outside its param groups in line with them.
+
+    Called after each change of its groups. LBFGS keeps its parameter list and
+    the size of their flat concatenation, and its history (directions, steps,
+    previous gradient) lives as flat vectors over all its parameters under the
+    first one: a new parameter set invalidates all of it, so LBFGS restarts, as
+    at its first step. ZeroRedundancyOptimizer follows in
+    :func:`layerfreeze.distributed.sync_zero`.
+    """
+    if isinstance(optimizer, torch.optim.SGD):
+        _fill_fused_momentum(optimizer)
+    if isinstance(getattr(optimizer, "ordered_param_keys", None), list) and isinstance(
+        getattr(optimizer, "named_parameters", None), dict
+    ):
+        # torch.distributed.optim._NamedOptimizer names its state by position in this list.
+        names = {id(p): name for name, p in optimizer.named_parameters.items()}
+        optimizer.ordered_param_keys[:] = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    if isinstance(optimizer, torch.optim.LBFGS):
+        optimizer._params = optimizer.param_groups[0]["params"]
+        optimizer._numel_cache = None
+        optimizer.state.clear()
+    distributed.sync_zero(optimizer)
+
+
+def _fill_fused_momentum(optimizer: torch.optim.SGD) -> None:
+    # Fused SGD treats a group's momentum buffers all-or-nothing: a parameter
+    # thawed back into a group whose others have buffers makes its kernel fail
+    # ("expected Tensor ... but got NoneType"). A zero buffer gives the first
+    # step torch's own first-step result (buffer = gradient) exactly when
+    # dampening is 0, the default; with dampening d the thawed parameter's first
+    # step takes (1 - d) of its gradient, as every later step does.
+    for group in optimizer.param_groups:
+        if not group.get("fused") or not group.get("momentum"):
+            continue
+        buffers = [optimizer.state.get(p, {}).get("momentum_buffer") for p in group["params"]]
+        if any(b is None for b in buffers) and any(b is not None for b in buffers):
+            for p, buffer in zip(group["params"], buffers):
+                if buffer is None:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class _EvalPin:
+    """``train`` of a frozen BatchNorm layer under batchnorm="eval": eval mode whatever is asked.
+
+    Installed as an instance attribute, so whatever mode a trainer asks for
+    (Lightning calls model.train() each epoch, issue #15062) the layer stays in
+    eval mode. The pin belongs to the freezer that controls this model: a copy
+    (``copy.deepcopy``, pickling; ``torch.optim.swa_utils.AveragedModel`` deep-copies
+    the model, and its ``update_bn`` must put every BatchNorm in training mode to
+    recompute the statistics) gets an inactive pin, which trains normally.
+    """
+
+    __slots__ = ("module", "active")
+
+    def __init__(self, module: nn.Module, active: bool = True):
+        self.module = module
+        self.active = active
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        if self.active:
+            self.module.training = False
+            return self.module
+        return type(self.module).train(self.module, mode)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_EvalPin":
+        return _EvalPin(copy.deepcopy(self.module, memo), active=False)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _EvalPin, (self.module, False)
 
 
 def _sequence_first(value: object, relaid: dict[int, torch.Tensor]) -> object:
@@ -138,8 +260,13 @@ class Freezer:
         self._original_requires_grad = {n: p.requires_grad for n, p in self._by_name.items()}
         self._trainable = {n for n, flag in self._original_requires_grad.items() if flag}
         self._kept_last_warned = False
-        # Original order of every group, to put unfrozen parameters back in place.
-        self._original_groups = [[list(g["params"]) for g in opt.param_groups] for opt in self.optimizers]
+        self._emptied_hinted: set[int] = set()
+        # Original order of every group (with torch's param_names, where the
+        # optimizer was built from named_parameters()), to put unfrozen parameters
+        # back in place.
+        self._original_groups = [[_pairs(g) for g in opt.param_groups] for opt in self.optimizers]
+        for opt in self.optimizers:
+            distributed.remember_partition(opt)
         self._frozen: set[str] = set()
         self._pinned: list[nn.Module] = []
         # Batch-first attention modules, by the name of their input projection weight.
@@ -161,16 +288,13 @@ class Freezer:
     def names_for_depth(self, depth: int, layers: Optional[Sequence[Layer]] = None) -> set[str]:
         """Parameter names frozen when the first ``depth`` layers (default: this freezer's) are frozen.
 
-        Should that cover every parameter trainable at construction (a last layer
-        whose only weight is tied to a frozen embedding, as in GPT-style models),
-        the last layer's parameters stay trainable: with nothing left to train the
-        next backward would fail and DDP could not keep a reducer. Composer freezes
-        them too and leaves nothing.
+        :func:`names_for_depth` with this freezer's ``shared`` rule, keeping the last
+        layer trainable should the prefix cover every parameter trainable at
+        construction (and saying so once).
         """
         layers = self.layers if layers is None else layers
-        frozen = names_for_depth(layers, depth, self.shared)
-        if depth and layers and self._trainable and self._trainable <= frozen:
-            frozen -= set(layers[-1].param_names)
+        frozen = names_for_depth(layers, depth, self.shared, keep_trainable=self._trainable)
+        if frozen != names_for_depth(layers, depth, self.shared):
             if not self._kept_last_warned:
                 self._kept_last_warned = True
                 log.warning(
@@ -198,6 +322,8 @@ class Freezer:
         if to_thaw:
             self._thaw(to_thaw)
         freeze_parameters(iter_unique(to_freeze), self.optimizers)
+        if to_freeze:
+            self._hint_emptied()
         self._frozen = set(target)
         self.depth = depth
         self._update_batchnorm()
@@ -210,14 +336,30 @@ class Freezer:
             p.requires_grad = self._original_requires_grad[name]
         ids = {id(p) for p in params}
         for opt, original_groups in zip(self.optimizers, self._original_groups):
+            changed = False
             for group, original in zip(opt.param_groups, original_groups):
-                if not any(id(p) in ids for p in original):
+                if not any(id(p) in ids for p, _ in original):
                     continue
                 present = {id(p) for p in group["params"]} | ids
-                in_order = [p for p in original if id(p) in present]
-                known = {id(p) for p in original}
-                extra = [p for p in group["params"] if id(p) not in known]
-                group["params"] = in_order + extra
+                known = {id(p) for p, _ in original}
+                in_order = [(p, n) for p, n in original if id(p) in present]
+                extra = [(p, n) for p, n in _pairs(group) if id(p) not in known]
+                _set_group(group, in_order + extra)
+                changed = True
+            if changed:
+                sync_optimizer(opt)
+
+    def _hint_emptied(self) -> None:
+        for index, (opt, original) in enumerate(zip(self.optimizers, self._original_groups)):
+            if index in self._emptied_hinted or not any(original) or any(g["params"] for g in opt.param_groups):
+                continue
+            self._emptied_hinted.add(index)
+            log.warning(
+                "layerfreeze: optimizers[%d] (%s) holds no parameters now; its step() does nothing. "
+                "HINT: with torch.amp.GradScaler, skip scaler.step() for an optimizer without parameters "
+                "(if any(g['params'] for g in opt.param_groups): scaler.step(opt)); GradScaler raises "
+                "'No inf checks were recorded for this optimizer' otherwise", index, type(opt).__name__,
+            )
 
     def _update_batchnorm(self) -> None:
         for module in self._pinned:
@@ -228,8 +370,10 @@ class Freezer:
             return
         for layer in self.layers[: self.depth]:
             module = layer.module
-            if isinstance(module, nn.modules.batchnorm._NormBase) and "train" not in module.__dict__:
-                module.__dict__["train"] = functools.partial(_pinned_eval_train, module)
+            # An inactive pin (this model was copied or unpickled from a pinned one) is ours to replace.
+            own = module.__dict__.get("train")
+            if isinstance(module, nn.modules.batchnorm._NormBase) and (own is None or isinstance(own, _EvalPin)):
+                module.__dict__["train"] = _EvalPin(module)
                 module.training = False
                 self._pinned.append(module)
 
@@ -254,6 +398,8 @@ def validate_optimizers(model: nn.Module, optimizers: object) -> list[torch.opti
         TypeError: for anything but an optimizer or a non-empty sequence of them.
         ValueError: for an optimizer holding none of the model's parameters.
     """
+    for index, optimizer in enumerate(optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]):
+        distributed.check_optimizer(optimizer, index)
     if isinstance(optimizers, torch.optim.Optimizer):
         optimizer_list = [optimizers]
     elif isinstance(optimizers, (list, tuple)) and optimizers and all(
@@ -275,29 +421,51 @@ def validate_optimizers(model: nn.Module, optimizers: object) -> list[torch.opti
                 f"optimizers[{index}] ({type(optimizer).__name__}) holds none of the model's "
                 "parameters; pass the optimizer that trains this model"
             )
+        _check_references(optimizer, index, model_ids)
     return optimizer_list
+
+
+def _check_references(optimizer: torch.optim.Optimizer, index: int, model_ids: set[int]) -> None:
+    # Freezing edits the groups of the optimizer it is given. A wrapper whose inner
+    # optimizer has groups of its own (not the same list) would keep training
+    # frozen parameters; ZeroRedundancyOptimizer is such a wrapper and is followed
+    # (distributed.sync_zero). Wrappers that share their inner optimizer's groups
+    # (Lightning's LightningOptimizer, PostLocalSGDOptimizer, accelerate's) are fine.
+    if distributed.is_zero(optimizer):
+        return
+    groups = optimizer.param_groups
+    group_lists = {id(g["params"]) for g in groups}
+    for attribute, value in vars(optimizer).items():
+        if isinstance(value, torch.optim.Optimizer) and value is not optimizer:
+            if value.param_groups is not groups and any(
+                id(p) in model_ids for g in value.param_groups for p in g["params"]
+            ):
+                raise ValueError(
+                    f"optimizers[{index}] ({type(optimizer).__name__}) wraps another optimizer "
+                    f"(.{attribute}, {type(value).__name__}) with param groups of its own; freezing edits "
+                    "the groups of the optimizer it is given, so the inner one would keep updating frozen "
+                    f"parameters. HINT: pass the inner optimizer (optimizer.{attribute}) to LayerFreezing, "
+                    "or make the wrapper share its param_groups list"
+                )
+        elif (
+            isinstance(value, (list, tuple)) and id(value) not in group_lists
+            and any(isinstance(v, torch.Tensor) and id(v) in model_ids for v in value)
+        ):
+            log.warning(
+                "layerfreeze: optimizers[%d] (%s) keeps parameters in .%s besides its param groups; "
+                "freezing removes parameters from the groups only, so if it updates from .%s, frozen "
+                "weights may still move. HINT: have the optimizer read its parameters from param_groups at "
+                "each step, as torch's optimizers do",
+                index, type(optimizer).__name__, attribute, attribute,
+            )
 
 
 def validate_model(model: object) -> nn.Module:
     """Check ``model`` is a module with at least one parameter; return it unwrapped."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    distributed.check_deepspeed(model)
     inner = unwrap_model(model)
     if not any(True for _ in inner.parameters()):
         raise ValueError(f"model must have at least one parameter; {type(inner).__name__} has none")
     return inner
-
-
-def summarize(names: Iterable[str], limit: int = 5) -> str:
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        accepted = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
-    return value  # type: ignore[return-value]
-
-

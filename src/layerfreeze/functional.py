@@ -8,8 +8,8 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from .freezer import freeze_parameters, validate_model, validate_optimizers
-from .layers import definition_order, iter_unique
+from .freezer import freeze_parameters, names_for_depth, validate_model, validate_optimizers
+from .layers import definition_order
 from .schedule import check_fraction, check_schedule, depth_for_fraction, linear_fraction
 
 __all__ = ["freeze_layers"]
@@ -32,7 +32,11 @@ def freeze_layers(
     parameters lose their ``.grad`` and their optimizer state, so
     ``optimizer.state_dict()`` keeps working. Like Composer's, this function never
     unfreezes: a call with a smaller ``current_duration`` leaves earlier freezing in
-    place (use :class:`layerfreeze.LayerFreezing` to move both ways).
+    place (use :class:`layerfreeze.LayerFreezing` to move both ways). Which
+    parameters a depth freezes is :func:`layerfreeze.freezer.names_for_depth`, the
+    rule ``LayerFreezing`` applies too; only where that would leave nothing to
+    train (a last layer tied to frozen ones) does ``LayerFreezing`` keep the last
+    layer trainable while this function, like Composer's, freezes it and warns.
 
     Args:
         model: the model being trained (may be wrapped in DistributedDataParallel).
@@ -55,18 +59,27 @@ def freeze_layers(
         >>> freeze_layers(net, opt, current_duration=1.0, freeze_start=0.5)
         (2, 1.0)
     """
-    validate_model(model)
+    inner = validate_model(model)
     optimizer_list = validate_optimizers(model, optimizers)
     check_fraction("current_duration", current_duration)
     start, level = check_schedule(freeze_start, freeze_level)
 
-    layers = definition_order(model)
+    layers = definition_order(inner)
     # The arithmetic runs on the values as given, as Composer's does: a float32
     # freeze_level computes in float32, and that can move the depth by one.
     fraction = linear_fraction(current_duration, freeze_start, freeze_level)
     depth = depth_for_fraction(fraction, len(layers))
-    frozen = iter_unique(p for layer in layers[:depth] for p in layer.module.parameters())
-    freeze_parameters(frozen, optimizer_list)
+    names = names_for_depth(layers, depth)  # the rule LayerFreezing's freezer applies too
+    by_name = dict(inner.named_parameters())
+    trainable_before = {n for n, p in by_name.items() if p.requires_grad}
+    freeze_parameters([by_name[n] for n in sorted(names)], optimizer_list)
+    if trainable_before and trainable_before <= names:
+        log.warning(
+            "layerfreeze: freeze_layers froze every trainable parameter of %s (its last layer, %s, holds only "
+            "parameters tied to frozen layers), as Composer does; the next backward has nothing to train. "
+            "HINT: use layerfreeze.LayerFreezing, which keeps the last layer trainable then, or a lower freeze_level",
+            type(inner).__name__, layers[-1].name,
+        )
     log.info(
         "layerfreeze: freeze_start=%s freeze_level=%s froze %d of %d layers (fraction %.4f)",
         start, level, depth, len(layers), fraction,

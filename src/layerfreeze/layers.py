@@ -124,36 +124,109 @@ def definition_order(model: nn.Module, unit: str = "leaf") -> list[Layer]:
     ]
 
 
+def _is_compiling() -> bool:
+    # torch.compiler.is_compiling() from torch 2.3; dynamo folds it to True while tracing.
+    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return check()
+
+
+@contextlib.contextmanager
+def _eager() -> Iterator[None]:
+    """Run modules eagerly even where ``torch.compile`` or ``module.compile()`` wraps them.
+
+    A measuring pass (an execution trace, a FLOP count) must see every layer's own
+    forward; compiled code runs the hooks it measures with only at compile time.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
 class ExecutionTracer:
     """Records the order in which layers first run, from forward pre-hooks.
 
-    Hooks stay until ``finish()``; the first complete forward pass of the model
-    fixes the order. Layers that never ran keep their definition order, after
-    those that did.
+    The first complete eager forward pass of the model fixes the order, and the
+    hooks go at once. A forward pass that TorchDynamo compiles cannot record
+    anything (hooks run only while dynamo traces them, and removing them inside
+    the compiled region is an error under ``fullgraph=True``), so there the hooks
+    only keep a reference to the call's inputs; :meth:`resolve` then replays that
+    call eagerly, outside the compiled region. Hooks that a compiled graph has
+    inlined stay on the model, doing nothing, until :meth:`remove`, which
+    :class:`layerfreeze.LayerFreezing` calls at the next change of the frozen set,
+    when dynamo recompiles anyway: one graph per frozen set.
+
+    Layers that never ran keep their definition order, after those that did.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[Layer]):
         self._layers = list(layers)
         self._seen: dict[int, int] = {}  # id(module) -> first call rank
         self._handles: list[Any] = []
+        self._call: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None  # last root call's inputs
+        self._compiled = False  # some hook was inlined by dynamo: removing hooks forces a recompile
+        self._partial = False  # part of the current root call ran compiled: its record is incomplete
         self.done = False
         for layer in {id(layer.module): layer for layer in self._layers}.values():
             self._handles.append(layer.module.register_forward_pre_hook(self._record))
         root = unwrap_model(model)
+        self._handles.append(root.register_forward_pre_hook(self._root_start, with_kwargs=True))
         self._handles.append(root.register_forward_hook(self._root_done))
 
+    # Under dynamo these hooks only store attributes and never read the tracer's
+    # state: a read would become a guard, and the guard a recompilation.
+    def _root_start(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if _is_compiling():
+            self._call, self._compiled = (args, kwargs), True
+        elif not self.done:
+            self._call, self._partial = (args, kwargs), False
+            self._seen.clear()
+
     def _record(self, module: nn.Module, args: Any) -> None:
-        self._seen.setdefault(id(module), len(self._seen))
+        if _is_compiling():
+            self._compiled = self._partial = True
+        elif not self.done:
+            self._seen.setdefault(id(module), len(self._seen))
 
     def _root_done(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._seen:
-            self.done = True
+        if _is_compiling() or self.done or self._partial or not self._seen:
+            return
+        self.done = True
+        self._call = None
+        if not self._compiled:
             self.remove()
 
+    def resolve(self, model: nn.Module) -> Optional[list[Layer]]:
+        """The traced order, or None while no forward pass has run.
+
+        If the forward passes so far ran compiled, the last one is replayed here,
+        eagerly, under ``no_grad`` and with buffers restored (as
+        :func:`execution_order` runs ``example_inputs``).
+
+        Args:
+            model: what the training loop calls (the model or its wrapper).
+        """
+        if not self.done and self._call is not None:
+            args, kwargs = self._call
+            try:
+                with _eager(), _side_effect_free(model):
+                    model(*args, **kwargs)
+            except Exception as error:
+                raise RuntimeError(
+                    f"order='execution' could not replay the model's compiled forward pass eagerly to trace "
+                    f"its layers ({type(error).__name__}: {error}). HINT: pass example_inputs to attach()"
+                ) from error
+            self._call = None
+        return self.order() if self.done else None
+
     def remove(self) -> None:
+        """Remove every hook (the recorded order stays)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._call = None
 
     def order(self) -> list[Layer]:
         """Layers sorted by first execution.
@@ -216,7 +289,7 @@ def execution_order(model: nn.Module, run: Callable[[nn.Module], Any], unit: str
     layers = definition_order(model, unit)
     tracer = ExecutionTracer(model, layers)
     try:
-        with _side_effect_free(model):
+        with _eager(), _side_effect_free(model):
             run(model)
     finally:
         tracer.remove()
@@ -256,7 +329,7 @@ def layer_flops(model: nn.Module, layers: Sequence[Layer], run: Callable[[nn.Mod
         handles.append(layer.module.register_forward_pre_hook(pre))
         handles.append(layer.module.register_forward_hook(post))
     try:
-        with _side_effect_free(model):
+        with _eager(), _side_effect_free(model):
             run(model)
     finally:
         # A forward that raised inside a layer never reached its post-hook: leave
@@ -273,7 +346,7 @@ def total_flops(model: nn.Module, run: Callable[[nn.Module], Any]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = unwrap_model(model)
-    with _side_effect_free(model), FlopCounterMode(display=False) as mode:
+    with _eager(), _side_effect_free(model), FlopCounterMode(display=False) as mode:
         run(model)
     return mode.get_total_flops()
 

@@ -6,8 +6,9 @@ against a table of targets (like nanoGPT's ``get_lr(it)``).
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
+
+from .validation import check_number
 
 __all__ = [
     "check_fraction",
@@ -19,20 +20,13 @@ __all__ = [
 
 
 def check_fraction(name: str, value: object, *, allow_one: bool = True) -> float:
-    """Return ``value`` as a float after checking that it lies in [0, 1].
+    """Return ``value`` as a float after checking that it lies in [0, 1] (see :mod:`layerfreeze.validation`).
 
     Raises:
-        TypeError: if ``value`` is not a real number.
+        TypeError: if ``value`` is not a real number (Python or numpy scalar).
         ValueError: if it is NaN or outside the interval.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
-    as_float = float(value)  # type: ignore[arg-type]
-    upper_ok = as_float <= 1.0 if allow_one else as_float < 1.0
-    if math.isnan(as_float) or as_float < 0.0 or not upper_ok:
-        interval = "[0, 1]" if allow_one else "[0, 1)"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return as_float
+    return check_number(name, value, 0.0, 1.0, high_open=not allow_one)
 
 
 def check_schedule(freeze_start: object, freeze_level: object) -> tuple[float, float]:

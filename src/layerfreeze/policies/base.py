@@ -10,10 +10,12 @@ below, and keeps everything it needs to resume in ``state_dict()``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
+
+from ..state import field_mapping
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..layers import Layer
@@ -69,9 +71,16 @@ class Context:
 class Policy:
     """Base class of freezing policies.
 
-    Subclasses implement :meth:`decide`; the others have sensible defaults.
+    Subclasses implement :meth:`decide`; the others have sensible defaults. A
+    policy with state to resume implements :meth:`state_dict`, :meth:`check_state`
+    and :meth:`apply_state`; ``load_state_dict`` is the two in turn, so a state with
+    any bad field is refused before any of it is applied (and ``LayerFreezing``
+    checks the policy's part together with its own before applying either).
     ``monotone = True`` (the default) means ``LayerFreezing`` never lets the depth
     shrink because of this policy's answer.
+
+    A policy serves one ``LayerFreezing`` at a time; the algorithm keeps that
+    bookkeeping, the policy holds only its own settings and observations.
     """
 
     monotone: bool = True
@@ -82,6 +91,11 @@ class Policy:
         """Called by ``LayerFreezing.attach`` with the other checks, before anything
         changes: raise ``ValueError`` if this policy cannot work on ``context``.
         Must leave the model, the optimizers and the policy as they were."""
+
+    def hints(self, context: Context) -> list[str]:
+        """Warnings for settings that will not do what the user likely meant on
+        ``context`` (each with a HINT); ``LayerFreezing.attach`` logs them."""
+        return []
 
     def bind(self, context: Context) -> None:
         """Called once by ``LayerFreezing.attach``, before any decision."""
@@ -99,8 +113,20 @@ class Policy:
         """Plain data needed to resume this policy exactly."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`."""
+    def check_state(self, state: Any, path: str = "policy") -> Any:
+        """Check every field of ``state`` (from :meth:`state_dict`) without changing anything.
+
+        Returns what :meth:`apply_state` takes. Raises ``ValueError`` naming the bad
+        field by its path from ``path`` (``policy.previous``, say).
+        """
+        return dict(field_mapping(state, path, source=type(self).__name__))
+
+    def apply_state(self, checked: Any) -> None:
+        """Apply a state :meth:`check_state` returned; must not fail."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`: all of ``state`` or, if any field is bad, none of it."""
+        self.apply_state(self.check_state(state))
 
     def describe(self) -> dict[str, Any]:
         """Settings, for logs and benchmark records."""

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from ..layers import _side_effect_free
+from ..state import field_count, field_mapping, field_name_map, field_real
+from ..validation import check_choice, check_int, check_number
 from .base import Context, Policy, Progress
 
 __all__ = ["Convergence", "centered_gram", "linear_cka", "METRICS"]
@@ -118,6 +120,26 @@ def _slice_batch(args: tuple, kwargs: dict, limit: int) -> tuple[tuple, dict]:
     return _map_tensors(args, cut), _map_tensors(kwargs, cut)
 
 
+def _check_probe(value: Any, path: str) -> Optional[tuple[Any, Any]]:
+    # A saved probe: None, or (positional inputs, keyword inputs) holding a tensor.
+    if value is None:
+        return None
+    if (not isinstance(value, (tuple, list)) or len(value) != 2 or not isinstance(value[0], (tuple, list))
+            or not isinstance(value[1], Mapping) or _first_tensor(value) is None):
+        raise ValueError(
+            f"{path} must be None or a pair (positional inputs, keyword inputs) holding a tensor, "
+            f"got {type(value).__name__}"
+        )
+    return value[0], value[1]
+
+
+def _check_gram(value: Any, path: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] != value.shape[1]:
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)[:80]
+        raise ValueError(f"{path} must be a square matrix (a 2-d tensor), got {shown}")
+    return value
+
+
 class Convergence(Policy):
     """Freeze the leading layers whose output on a probe batch has stopped changing.
 
@@ -181,20 +203,13 @@ class Convergence(Policy):
         max_samples: int = 64,
         patience: int = 1,
     ):
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {', '.join(map(repr, METRICS))}, got {metric!r}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
-            raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
-        for name, value in (("every", every), ("max_samples", max_samples), ("patience", patience)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.metric = check_choice("metric", metric, METRICS)
+        self.threshold = check_number("threshold", threshold, 0.0, 1.0, low_open=True)
+        self.every = check_int("every", every)
         if probe is not None and _first_tensor(probe) is None:
             raise ValueError(f"probe must be a tensor, a tuple or a dict holding tensors, or None; got {type(probe).__name__}")
-        self.metric = metric
-        self.threshold = float(threshold)
-        self.every = every
-        self.max_samples = max_samples
-        self.patience = patience
+        self.max_samples = check_int("max_samples", max_samples)
+        self.patience = check_int("patience", patience)
         self._given = probe
         self._probe: Optional[tuple[tuple, dict]] = None
         self._capture: Any = None
@@ -346,20 +361,28 @@ class Convergence(Policy):
             "target": self._target,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: Any, path: str = "policy") -> dict[str, Any]:
         keys = ("probe", "grams", "streaks", "similarity", "target")
-        if not isinstance(state, dict) or any(k not in state for k in keys):
-            raise ValueError(f"Convergence state must be a dict with keys {', '.join(keys)}")
+        state = field_mapping(state, path, keys, source="Convergence")
+        return {
+            "probe": _check_probe(state["probe"], f"{path}.probe"),
+            "grams": field_name_map(state["grams"], f"{path}.grams", _check_gram),
+            "streaks": field_name_map(state["streaks"], f"{path}.streaks", field_count),
+            "similarity": field_name_map(state["similarity"], f"{path}.similarity", field_real),
+            "target": field_count(state["target"], f"{path}.target"),
+        }
+
+    def apply_state(self, checked: dict[str, Any]) -> None:
         device = self._device()
         move = (lambda t: t.detach().to(device).clone())
-        if state["probe"] is not None:
-            args, kwargs = state["probe"]
+        if checked["probe"] is not None:
+            args, kwargs = checked["probe"]
             self._probe = (tuple(_map_tensors(list(args), move)), dict(_map_tensors(kwargs, move)))
             self._stop_capture()
-        self._grams = {name: move(gram) for name, gram in state["grams"].items()}
-        self._streaks = {name: int(v) for name, v in state["streaks"].items()}
-        self._similarity = {name: float(v) for name, v in state["similarity"].items()}
-        self._target = int(state["target"])
+        self._grams = {name: move(gram) for name, gram in checked["grams"].items()}
+        self._streaks = checked["streaks"]
+        self._similarity = checked["similarity"]
+        self._target = checked["target"]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..state import field_count, field_mapping
+from ..validation import check_bool, check_choice, check_number
 from .base import Context, Policy, Progress
 
 __all__ = ["FreezeOut", "freeze_times", "lr_factor", "SPACINGS"]
@@ -114,15 +116,9 @@ class FreezeOut(Policy):
     """
 
     def __init__(self, t0: float = 0.5, spacing: str = "cubic", scale_lr: bool = True):
-        if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not 0.0 < t0 <= 1.0:
-            raise ValueError(f"t0 must be a number in (0, 1], got {t0!r}")
-        if spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {', '.join(map(repr, SPACINGS))}, got {spacing!r}")
-        if not isinstance(scale_lr, bool):
-            raise TypeError(f"scale_lr must be a bool, got {type(scale_lr).__name__}")
-        self.t0 = float(t0)
-        self.spacing = spacing
-        self.scale_lr = scale_lr
+        self.t0 = check_number("t0", t0, 0.0, 1.0, low_open=True)
+        self.spacing = check_choice("spacing", spacing, tuple(SPACINGS))
+        self.scale_lr = check_bool("scale_lr", scale_lr)
         self._step = 0
         self._handles: list[Any] = []
         self._saved: dict[int, tuple[torch.optim.Optimizer, list[dict], list[Any]]] = {}
@@ -247,11 +243,12 @@ class FreezeOut(Policy):
     def state_dict(self) -> dict[str, Any]:
         return {"step": self._step}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        step = state.get("step") if isinstance(state, dict) else None
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"FreezeOut state must hold a non-negative int 'step', got {state!r}")
-        self._step = step
+    def check_state(self, state: Any, path: str = "policy") -> int:
+        state = field_mapping(state, path, ("step",), source="FreezeOut")
+        return field_count(state["step"], f"{path}.step")
+
+    def apply_state(self, checked: int) -> None:
+        self._step = checked
 
     def describe(self) -> dict[str, Any]:
         return {"policy": "FreezeOut", "t0": self.t0, "spacing": self.spacing, "scale_lr": self.scale_lr}

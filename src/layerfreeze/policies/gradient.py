@@ -15,6 +15,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..state import field_count, field_mapping, field_name_map, field_real
+from ..validation import check_int, check_number
 from .base import Context, Policy, Progress
 
 __all__ = ["GradientChange", "relative_changes", "leading_below"]
@@ -99,11 +101,9 @@ class GradientChange(Policy):
     """
 
     def __init__(self, every: int = 50, percentile: float = 50.0, samples: int = 10):
-        for name, value in (("every", every), ("samples", samples)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0.0 <= percentile <= 100.0:
-            raise ValueError(f"percentile must be a number in [0, 100], got {percentile!r}")
+        every = check_int("every", every)
+        percentile = check_number("percentile", percentile, 0.0, 100.0)
+        samples = check_int("samples", samples)
         if 0.0 < percentile <= 1.0:
             log.warning(
                 "layerfreeze: GradientChange(percentile=%s) is a percentile in [0, 100]: layers below the "
@@ -112,7 +112,7 @@ class GradientChange(Policy):
                 percentile, percentile,
             )
         self.every = every
-        self.percentile = float(percentile)
+        self.percentile = percentile
         self.samples = min(samples, every)
         # Window positions (1..every) whose gradients are measured, evenly spaced,
         # the window's last step always among them.
@@ -258,20 +258,31 @@ class GradientChange(Policy):
             "changes": None if self._changes is None else dict(self._changes),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: Any, path: str = "policy") -> dict[str, Any]:
         keys = ("count", "measured", "sums", "previous", "target", "changes")
-        if not isinstance(state, dict) or any(k not in state for k in keys):
-            raise ValueError(f"GradientChange state must be a dict with keys {', '.join(keys)}, got {state!r}")
-        self._count = int(state["count"])
-        self._measured = int(state["measured"])
-        self._target = int(state["target"])
-        self._previous = None if state["previous"] is None else {k: float(v) for k, v in state["previous"].items()}
-        self._changes = None if state["changes"] is None else dict(state["changes"])
+        state = field_mapping(state, path, keys, source="GradientChange")
+        checked = {
+            "count": field_count(state["count"], f"{path}.count"),
+            "measured": field_count(state["measured"], f"{path}.measured"),
+            "sums": field_name_map(state["sums"], f"{path}.sums", field_real),
+            "previous": field_name_map(state["previous"], f"{path}.previous", field_real, optional=True),
+            "target": field_count(state["target"], f"{path}.target"),
+            "changes": field_name_map(state["changes"], f"{path}.changes", field_real, optional=True),
+        }
+        if checked["measured"] > checked["count"]:
+            raise ValueError(
+                f"{path}.measured must be at most {path}.count ({checked['count']}), got {checked['measured']}"
+            )
+        return checked
+
+    def apply_state(self, checked: dict[str, Any]) -> None:
+        self._count, self._measured, self._target = checked["count"], checked["measured"], checked["target"]
+        self._previous, self._changes = checked["previous"], checked["changes"]
         self._sum = None
-        if state["sums"]:
+        if checked["sums"]:
             names = [layer.name for layer in self.context.layers]
             device = next(iter(self.context.model.parameters())).device
-            values = [float(state["sums"].get(n, 0.0)) for n in names]
+            values = [checked["sums"].get(n, 0.0) for n in names]
             self._sum = torch.tensor(values, dtype=torch.float64, device=device)
             self._plan_key, self._plan, self._index_key = self.context.layers, {}, None
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..schedule import check_schedule, depth_for_cost, depth_for_fraction, linear_fraction
-from .base import Progress, Policy
+from ..validation import check_choice
+from .base import Context, Progress, Policy
 
 __all__ = ["Linear"]
 
@@ -31,9 +32,7 @@ class Linear(Policy):
 
     def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0, measure: str = "layers"):
         self.freeze_start, self.freeze_level = check_schedule(freeze_start, freeze_level)
-        if measure not in MEASURES:
-            raise ValueError(f"measure must be one of 'layers', 'flops', got {measure!r}")
-        self.measure = measure
+        self.measure = check_choice("measure", measure, MEASURES)
         self.needs_costs = measure == "flops"
 
     def decide(self, progress: Progress) -> tuple[int, float]:
@@ -45,6 +44,16 @@ class Linear(Policy):
                 raise RuntimeError("measure='flops' needs layer costs; pass example_inputs to attach()")
             return depth_for_cost(fraction, costs), fraction
         return depth_for_fraction(fraction, len(layers)), fraction
+
+    def hints(self, context: Context) -> list[str]:
+        count = len(context.layers)
+        if self.measure != "layers" or self.freeze_level == 0 or depth_for_fraction(self.freeze_level, count) > 0:
+            return []
+        return [
+            f"freeze_level={self.freeze_level} with {count} layers freezes nothing: "
+            f"int({self.freeze_level} * {count - 1}) = 0. HINT: raise freeze_level to at least "
+            f"{1 / max(count - 1, 1):.3g}"
+        ]
 
     def describe(self) -> dict[str, Any]:
         return {
