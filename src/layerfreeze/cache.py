@@ -423,8 +423,8 @@ class PrefixCache:
             raise RuntimeError(
                 f"PrefixCache refuses to cache a prefix that is not deterministic: {shown} "
                 "(dropout or BatchNorm in training mode) would give a different output than the cached one. "
-                "HINT: put the frozen stages in eval mode (LayerFreezing(batchnorm='eval') pins frozen "
-                "BatchNorm layers), or pass allow_nondeterministic=True to cache anyway"
+                "HINT: run the frozen stages in eval mode: LayerFreezing(dropout='eval', batchnorm='eval') "
+                "keeps frozen layers there through model.train(); or pass allow_nondeterministic=True to cache anyway"
             )
 
     def _run_prefix(self, args: tuple[torch.Tensor, ...], cut: int) -> torch.Tensor:

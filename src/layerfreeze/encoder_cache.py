@@ -87,14 +87,15 @@ def encoder_stages(model: nn.Module) -> list[nn.Module]:
     """The embeddings module and the blocks of a Hugging Face encoder, in the order they run.
 
     Looks at ``model.base_model`` (the backbone of a ``PreTrainedModel``, such as
-    ``model.bert``) and at ``model`` itself for an ``embeddings`` module and a
+    ``model.bert``), then at ``model`` and its submodules in order (a backbone
+    inside a model of one's own), for an ``embeddings`` module and a
     ``ModuleList`` of blocks at ``encoder.layer`` (BERT, RoBERTa, ELECTRA, ViT),
     ``transformer.layer`` (DistilBERT), ``encoder.layers``, ``layers`` or ``layer``.
 
     Raises:
         ValueError: if no such pair is found.
     """
-    for root in dict.fromkeys((getattr(model, "base_model", model), model)):
+    for root in dict.fromkeys((getattr(model, "base_model", model), *model.modules())):
         embeddings = getattr(root, "embeddings", None)
         if not isinstance(embeddings, nn.Module):
             continue
@@ -512,8 +513,7 @@ class EncoderCache:
                 f"EncoderCache refuses to cache a frozen prefix that is not deterministic: {shown} "
                 "(dropout or BatchNorm in training mode) would give another output than the stored one. "
                 "HINT: run the frozen stages in eval mode: LayerFreezing(dropout='eval', batchnorm='eval') "
-                "keeps frozen layers there through model.train(); or call .eval() on them after each "
-                "freeze change and after every model.train()"
+                "keeps frozen layers there through model.train()"
             )
 
     def _store_rows(self, plan: _Plan, hidden: torch.Tensor) -> None:
