@@ -368,3 +368,17 @@ def test_bad_arguments_name_the_argument_and_install_nothing():
         EncoderCache(model)
     cache.remove()
     EncoderCache(model).remove()
+
+
+def test_readme_caching_example_runs(capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Caching a fine-tuned encoder\n", 1)[1].split("\n## ", 1)[0]
+    namespace: dict = {}
+    exec(compile(re.findall(r"```python\n(.*?)```", section, re.S)[0], "README.md", "exec"), namespace)
+    cache = namespace["cache"]
+    assert (cache.cut, cache.misses, cache.hits, cache.advanced, len(cache)) == (4, 64, 128, 0, 64)
+    assert cache.bytes_per_example == 16 * 32 * 4
+    assert "'hits': 128" in capsys.readouterr().out
