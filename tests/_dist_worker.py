@@ -5,7 +5,8 @@ MASTER_PORT set (gloo on 127.0.0.1). Runs every scenario in order and saves
 what the tests compare to OUTDIR/rank{RANK}.pt after each one. A scenario that
 raises records the message and the next one runs; collectives time out after
 ``LF_DIST_TIMEOUT`` seconds, so a disagreement between ranks ends the process
-instead of hanging it (the test also kills it after its own timeout).
+instead of hanging it (the test also kills it after its own timeout). Set
+``LF_DIST_ONLY=name,name`` to run only those scenarios.
 """
 
 from __future__ import annotations
@@ -336,6 +337,107 @@ def run_fsdp1(rank: int, world: int, use_orig_params: bool) -> dict[str, Any]:
         return {"error": str(error)}
 
 
+def _names(model: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def run_zero(rank: int, world: int, ckpt: str, bucket_view: bool) -> dict[str, Any]:
+    """ZeroRedundancyOptimizer(Adam) under DDP: 8 steps straight vs 4, consolidate, restart, 4.
+
+    Also plain Adam under DDP as the reference: ZeRO only splits who updates what.
+    """
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    def make(zero: bool = True):
+        model = convnet()
+        ddp = DDP(model)
+        opt = (ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.01,
+                                       parameters_as_bucket_view=bucket_view)
+               if zero else torch.optim.Adam(model.parameters(), lr=0.01))
+        freezing = lf.LayerFreezing(freeze_start=0.0, interval="step").attach(ddp, opt, total_steps=8)
+        return model, ddp, opt, freezing
+
+    model, ddp, opt, freezing = make(zero=False)
+    train(ddp, opt, "convnet", range(8), rank, world, lambda s: freezing.step())
+    reference = params_of(model)
+
+    model, ddp, opt, freezing = make()
+    train(ddp, opt, "convnet", range(8), rank, world, lambda s: freezing.step())
+    straight = params_of(model)
+
+    model, ddp, opt, freezing = make()
+    train(ddp, opt, "convnet", range(4), rank, world, lambda s: freezing.step())
+    names = _names(model)
+    local = [names[id(p)] for g in opt.optim.param_groups for p in g["params"]]
+    local_state = sorted(names[id(p)] for p in opt.optim.state)
+    opt.consolidate_state_dict(0)  # right after a freeze (depth 1 -> 2 at step 4)
+    state_keys = None
+    if rank == 0:
+        saved = opt.state_dict()
+        state_keys = sorted(saved["state"])
+        torch.save({"model": model.state_dict(), "opt": saved, "freezing": freezing.state_dict()}, ckpt)
+    frozen = freezing.frozen_parameters
+    dist.barrier()
+    del model, ddp, opt, freezing
+    gc.collect()
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    model, ddp, opt, freezing = make()
+    model.load_state_dict(saved["model"])
+    freezing.load_state_dict(saved["freezing"])
+    opt.load_state_dict(saved["opt"])
+    train(ddp, opt, "convnet", range(4, 8), rank, world, lambda s: freezing.step())
+    return {"reference": reference, "straight": straight, "resumed": params_of(model), "local": local,
+            "local_state": local_state, "state_keys": state_keys, "frozen": frozen,
+            "final_depth": freezing.frozen_depth}
+
+
+def run_fsdp2_dcp(rank: int, world: int, directory: str) -> dict[str, Any]:
+    """FSDP2 + Adam: 8 steps straight vs 4, save with torch.distributed.checkpoint, restart, 4.
+
+    The freezing state goes into the same checkpoint and is loaded first: it takes
+    the frozen parameters out of the optimizer before the optimizer state is read.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    def make():
+        model = convnet()
+        for index in (0, 2, 3, 7, 9):
+            fully_shard(model[index])
+        fully_shard(model)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        freezing = lf.LayerFreezing(freeze_start=0.0, interval="step").attach(model, opt, total_steps=8)
+        return model, opt, freezing
+
+    def full(model: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+    model, opt, freezing = make()
+    train(model, opt, "convnet", range(8), rank, world, lambda s: freezing.step())
+    straight = full(model)
+
+    model, opt, freezing = make()
+    train(model, opt, "convnet", range(4), rank, world, lambda s: freezing.step())
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state, "freezing": freezing.state_dict()},
+             checkpoint_id=directory)
+    saved_frozen = freezing.frozen_parameters
+    del model, opt, freezing
+
+    model, opt, freezing = make()  # as after a restart
+    state = {"freezing": freezing.state_dict()}  # the structure to read into
+    dcp.load(state, checkpoint_id=directory)
+    freezing.load_state_dict(state["freezing"])  # first: the optimizer loses the frozen parameters
+    depth_after_load = freezing.frozen_depth
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
+    set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state)
+    train(model, opt, "convnet", range(4, 8), rank, world, lambda s: freezing.step())
+    return {"straight": straight, "resumed": full(model), "saved_frozen": saved_frozen,
+            "depth_after_load": depth_after_load, "final_depth": freezing.frozen_depth}
+
+
 def scenarios(rank: int, world: int, out: str) -> dict[str, Callable[[], Any]]:
     """Every scenario, in the order the ranks run them (results are keyed by name)."""
     reference = rank == 0  # one-process references are computed on rank 0 only
@@ -360,6 +462,9 @@ def scenarios(rank: int, world: int, out: str) -> dict[str, Callable[[], Any]]:
         "fsdp2": lambda: run_fsdp2(rank, world),
         "fsdp1_orig": lambda: run_fsdp1(rank, world, use_orig_params=True),
         "fsdp1_flat": lambda: run_fsdp1(rank, world, use_orig_params=False),
+        "zero": lambda: run_zero(rank, world, os.path.join(out, "zero.pt"), bucket_view=False),
+        "zero_buckets": lambda: run_zero(rank, world, os.path.join(out, "zero_buckets.pt"), bucket_view=True),
+        "fsdp2_dcp": lambda: run_fsdp2_dcp(rank, world, os.path.join(out, "dcp")),
         # controls last: they leave their DDP objects broken by design
         "plain_ddp_thaw": lambda: run_plain_ddp_thaw(rank, world, attach=False),
         "plain_ddp_freeze": lambda: run_plain_ddp_freeze(rank, world),
@@ -375,7 +480,10 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results: dict[str, Any] = {}
     try:
+        only = set(filter(None, os.environ.get("LF_DIST_ONLY", "").split(",")))  # for debugging one scenario
         for name, scenario in scenarios(rank, world, out).items():
+            if only and name not in only:
+                continue
             start = time.perf_counter()
             try:
                 results[name] = scenario()

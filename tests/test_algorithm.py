@@ -407,3 +407,18 @@ def test_a_policys_hints_are_logged_at_attach(caplog):
     with caplog.at_level(logging.WARNING, logger="layerfreeze"):
         lf.LayerFreezing(policy=Never()).attach(model, torch.optim.SGD(model.parameters(), lr=0.1), 4)
     assert "layerfreeze: Never freezes any of 3 layers. HINT: pick another policy" in caplog.text
+
+
+def test_a_policys_numpy_fraction_is_stored_as_a_plain_float():
+    np = pytest.importorskip("numpy")
+
+    class Half(lf.policies.Policy):
+        def decide(self, progress):
+            return np.int64(1), np.float32(0.5)
+
+    model = mlp(depth=3)
+    freezing = lf.LayerFreezing(policy=Half(), interval="step").attach(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), 4)
+    freezing.step()
+    assert freezing.frozen_depth == 1 and type(freezing.frozen_fraction) is float
+    assert type(freezing.state_dict()["fraction"]) is float

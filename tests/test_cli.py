@@ -33,27 +33,36 @@ RUN = {
     "variant": str, "seed": int, "train_seconds": NUMBER, "train_cpu_seconds": NUMBER, "eval_seconds": NUMBER, "test_accuracy": NUMBER,
     "final_train_loss": NUMBER, "epoch_train_loss": [NUMBER], "epoch_seconds": [NUMBER], "steps": int, "layers": int,
     "frozen_depth_end": int, "frozen_layer_share_end": NUMBER, "frozen_flops_share_end": NUMBER,
-    "params_frozen_end": int, "depth_changes": [[int]], "predicted_speedup": NUMBER,
+    "params_frozen_end": int, "depth_changes": [[int]], "predicted_speedup": NUMBER, "budget": NUMBER,
+    "peak_memory_bytes": (int, type(None)), "cache_hits": (int, type(None)), "cache_misses": (int, type(None)),
 }
+OPTIONAL_NUMBER = (int, float, type(None))
 SUMMARY = {
     "variant": str, "runs": int, "baseline": str, "median_train_seconds": NUMBER, "speedup": NUMBER,
     "median_train_cpu_seconds": NUMBER, "cpu_speedup": NUMBER,
     "accuracy_mean": NUMBER, "accuracy_ci95": (int, float, type(None)), "frozen_layer_share_end": NUMBER,
-    "frozen_flops_share_end": NUMBER, "predicted_speedup": NUMBER,
+    "frozen_flops_share_end": NUMBER, "predicted_speedup": NUMBER, "median_peak_memory_bytes": OPTIONAL_NUMBER,
+    "equal_time_delta": OPTIONAL_NUMBER, "equal_time_ci95": OPTIONAL_NUMBER, "equal_time_runs": int,
+    "frontier_side": (str, type(None)), "verdict": (str, type(None)),
 }
+FRONTIER = {"budget": NUMBER, "runs": int, "steps": NUMBER, "median_train_seconds": NUMBER, "accuracy_mean": NUMBER,
+            "accuracy_ci95": OPTIONAL_NUMBER}
 SCHEMA = {
     "format": str, "created": str, "interrupted": bool, "command": [str],
     "config": {
-        "model": str, "epochs": int, "batch_size": int, "steps_per_epoch": int, "total_steps": int,
-        "seeds": [int], "interval": str, "lr": NUMBER, "optimizer": str, "threads": int, "quick": bool,
+        "task": str, "model": str, "epochs": int, "batch_size": int, "steps_per_epoch": int, "total_steps": int,
+        "budgets": [NUMBER], "seeds": [int], "interval": str, "lr": NUMBER, "optimizer": str, "device": str,
+        "precision": str, "threads": int, "quick": bool,
         "data": {"name": str, "train_size": int, "test_size": int, "input_shape": [int], "input_dtype": str,
                  "num_classes": int},
         "variants": [{"name": str, "description": str}],
     },
     "environment": {"python": str, "torch": str, "layerfreeze": str, "platform": str, "machine": str,
-                    "processor": str, "cpu_count": int, "threads": int},
+                    "processor": str, "cpu_count": int, "threads": int, "device": str, "precision": str,
+                    "gpu": (str, type(None)), "cuda": (str, type(None)), "peak_memory": str},
     "runs": [RUN],
     "summary": [SUMMARY],
+    "frontier": [FRONTIER],
 }
 
 
@@ -87,9 +96,10 @@ def check_numbers(document) -> None:
     runs, summary = document["runs"], document["summary"]
     for run in runs:
         assert 0.0 <= run["test_accuracy"] <= 1.0
-        assert run["train_seconds"] > 0 and run["steps"] == document["config"]["total_steps"]
+        assert run["train_seconds"] > 0 and run["steps"] == round(run["budget"] * document["config"]["total_steps"])
         assert 0 <= run["frozen_depth_end"] < run["layers"]
         assert run["frozen_layer_share_end"] == pytest.approx(run["frozen_depth_end"] / run["layers"])
+    runs = [run for run in runs if run["budget"] == 1.0]  # the summary's speed and accuracy: full runs
     baseline = summary[0]["baseline"]
     base_times = sorted(r["train_seconds"] for r in runs if r["variant"] == baseline)
     base_cpu = sorted(r["train_cpu_seconds"] for r in runs if r["variant"] == baseline)
@@ -135,19 +145,22 @@ def test_bench_end_to_end(tmp_path):
     assert document["interrupted"] is False
     assert document["config"]["data"] == {"name": "digits", "train_size": 1437, "test_size": 360,
                                           "input_shape": [1, 32, 32], "input_dtype": "float32", "num_classes": 10}
-    # Interleaved: each seed runs every variant before the next seed starts.
-    assert [(r["seed"], r["variant"]) for r in document["runs"]] == [
-        (s, v) for s in (0, 1) for v in ("none", "composer", "start0.1")]
+    # Interleaved: each seed runs every variant (the baseline at each budget, largest first) before the next seed.
+    assert [(r["seed"], r["variant"], r["budget"]) for r in document["runs"]] == [
+        (s, v, b) for s in (0, 1) for v, b in (("none", 1.0), ("none", 0.75), ("none", 0.5), ("composer", 1.0),
+                                                ("start0.1", 1.0))]
     assert [row["variant"] for row in document["summary"]] == ["none", "composer", "start0.1"]
     # The printed table carries the JSON's figures.
     for row in document["summary"]:
-        line = next(line for line in result.stdout.splitlines() if f" {row['variant']} " in line)
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f"│ {row['variant']} "))
         assert f"{row['speedup']:.2f}x" in line
         assert f"{100 * row['accuracy_mean']:.1f}% ± {100 * row['accuracy_ci95']:.1f}" in line
+        if row["verdict"] is not None:
+            assert row["verdict"] in line
     # start0.1 freezes during training; composer's decisions (epoch ends at 1/3, 2/3) freeze some too.
     start = [r for r in document["runs"] if r["variant"] == "start0.1"]
     assert all(r["frozen_depth_end"] > 0 and r["predicted_speedup"] > 1 for r in start)
-    assert "run 6/6 start0.1 seed 1" in result.stderr
+    assert "run 10/10 start0.1 seed 1" in result.stderr
 
 
 def test_bench_user_model_on_synthetic_data(tmp_path, monkeypatch, capsys):
@@ -182,7 +195,7 @@ def test_ctrl_c_keeps_finished_runs(tmp_path):
     watchdog.start()
     try:
         for line in proc.stderr:
-            if "run 1/15" in line:
+            if "run 1/25" in line:
                 proc.send_signal(signal.SIGINT)
                 break
         stdout, stderr = proc.communicate(timeout=TIMEOUT)
@@ -194,7 +207,7 @@ def test_ctrl_c_keeps_finished_runs(tmp_path):
     document = json.loads((out / "bench.json").read_text())
     check_schema(document, SCHEMA)
     assert document["interrupted"] is True
-    assert 1 <= len(document["runs"]) < 15
+    assert 1 <= len(document["runs"]) < 25
     check_numbers(document)
     check_png(out / "bench.png")
 
@@ -261,7 +274,7 @@ def test_unknown_model_is_one_line_and_exit_2():
     result = _run("plan", "resnet21")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "layerfreeze plan: error: unknown model 'resnet21'; bundled models: resnet20, resnet56, transformer, mlp, "
+        "layerfreeze plan: error: unknown model 'resnet21'; bundled models: resnet20, resnet56, transformer, mlp, minilm, "
         "or give your own as package.module:factory"]
 
 
@@ -275,17 +288,28 @@ def a_file(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["bench", "--model", "nosuch"], "unknown model 'nosuch'"),
     (["bench", "--variants", "none,bogus"], "unknown variant 'bogus'"),
-    (["bench", "--data", "mnist"], "--data must be one of digits, synthetic or an image folder, got 'mnist'"),
+    (["bench", "--data", "mnist"], "--data must be one of digits, fashion-mnist, rotten-tomatoes, synthetic or an "
+                                   "image folder, got 'mnist'"),
     (["bench", "--input-shape", "3,32,32"], "--input-shape / --input-dtype apply to --data synthetic only"),
     (["bench", "--model", "transformer", "--output-dir", "{tmp}"], "'transformer' takes token sequences"),
-    (["bench", "--output-dir", "{file}/sub"], "--output-dir '{file}/sub' is not a writable directory"),
+    (["bench", "--output-dir", "{file}/sub"], "--output-dir '{file}/sub' cannot be created: Not a directory"),
+    (["bench", "--output-dir", "{file}"], "--output-dir '{file}' is not a directory"),
+    (["bench", "--budgets", "0.5,0"], "--budgets must be numbers in (0, 1] separated by commas, got '0.5,0'"),
+    (["bench", "--budgets", "0.5,1.5"], "--budgets must be numbers in (0, 1]"),
+    (["bench", "--budgets", "half"], "--budgets must be numbers in (0, 1]"),
+    (["bench", "--train-size", "5000", "--output-dir", "{tmp}"],
+     "--train-size must be in [1, 1437] (the train examples of digits), got 5000"),
+    (["bench", "--test-size", "361", "--output-dir", "{tmp}"],
+     "--test-size must be in [1, 360] (the test examples of digits), got 361"),
     (["plan", "resnet20", "--input-shape", "3,x,32"], "--input-shape must be positive integers"),
     (["plan", "resnet20", "--input-shape", "5"], "model 'resnet20' takes float images (C, H, W)"),
     (["plan", "resnet20", "--input-dtype", "complex"], "--input-dtype must be one of"),
     (["plan", "resnet20", "--steps", "10", "--steps-per-epoch", "20"], "--steps-per-epoch 20 is more than --steps 10"),
     (["plan", "resnet20", "--freeze-start", "1"], "--freeze-start 1 leaves no training"),
     (["plan", "resnet20", "--plot", "plan.txt"], "--plot must name a .png file"),
-    (["plan", "resnet20", "--plot", "{file}/plan.png"], "is not a writable directory"),
+    (["plan", "resnet20", "--plot", "{file}/plan.png"], "--plot '{file}/plan.png': '{file}' is not a directory"),
+    (["plan", "resnet20", "--plot", "{tmp}/missing/plan.png"], "--plot '{tmp}/missing/plan.png': folder "
+                                                               "'{tmp}/missing' does not exist"),
     (["plan", "mypkg:net"], "cannot import 'mypkg'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, a_file, tmp_path, capsys):
@@ -295,7 +319,8 @@ def test_bad_input_is_one_line_and_exit_2(args, message, a_file, tmp_path, capsy
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
     assert lines[0].startswith(f"layerfreeze {args[0]}: error: ")
-    assert message.replace("{file}", str(a_file)) in lines[0]
+    assert message.replace("{file}", str(a_file)).replace("{tmp}", str(tmp_path / "out")) in lines[0]
+    assert not (tmp_path / "out" / "missing").exists()  # a mistyped --plot folder is not created
 
 
 def test_model_that_rejects_the_input_shape(tmp_path, monkeypatch, capsys):

@@ -179,6 +179,40 @@ def test_ddp_resume_on_two_ranks_is_bit_identical(ddp_runs):
         assert_params_equal(result["resumed"], result["straight"])
 
 
+# -- two ranks: ZeroRedundancyOptimizer and FSDP2 checkpointed through DCP ------------------------
+CONVNET = ["0.weight", "0.bias", "2.weight", "2.bias", "3.weight", "3.bias", "7.weight", "7.bias",
+           "9.weight", "9.bias"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero", "zero_buckets"])
+def test_zero_on_two_ranks_follows_freezes_and_resumes_bit_identically(ddp_runs, name):
+    r0, r1 = ok(ddp_runs[0][name]), ok(ddp_runs[1][name])
+    frozen = ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert r0["frozen"] == r1["frozen"] == frozen  # the checkpoint was taken right after this freeze
+    # The local optimizers split exactly the trainable parameters, with state for nothing else.
+    assert not set(r0["local"]) & set(r1["local"])
+    assert sorted(r0["local"] + r1["local"]) == sorted(set(CONVNET) - set(frozen))
+    assert r0["local_state"] == sorted(r0["local"]) and r1["local_state"] == sorted(r1["local"])
+    # consolidate_state_dict(0); state_dict() on rank 0: one entry per parameter in the outer groups.
+    assert r0["state_keys"] == list(range(len(CONVNET) - len(frozen)))
+    for result in (r0, r1):
+        assert result["final_depth"] == 4
+        assert_params_equal(result["resumed"], result["straight"])
+        assert_params_equal(result["straight"], result["reference"])  # = plain Adam under DDP, bit for bit
+    assert_params_equal(r0["resumed"], r1["resumed"])
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_through_dcp_resumes_bit_identically(ddp_runs):
+    r0, r1 = ok(ddp_runs[0]["fsdp2_dcp"]), ok(ddp_runs[1]["fsdp2_dcp"])
+    for result in (r0, r1):
+        assert result["saved_frozen"] == ["0.bias", "0.weight", "2.bias", "2.weight"]
+        assert result["depth_after_load"] == 2 and result["final_depth"] == 4
+        assert_params_equal(result["resumed"], result["straight"])
+    assert_params_equal(r0["resumed"], r1["resumed"])
+
+
 def test_ranks_disagreeing_on_frozen_set_raise_everywhere(ddp_runs):
     for rank in (0, 1):
         assert "ranks disagree on the trainable parameters" in ok(ddp_runs[rank]["disagree"])["error"]

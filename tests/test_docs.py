@@ -16,6 +16,9 @@ CORE_MODULES = [
     "layerfreeze.functional",
     "layerfreeze.algorithm",
     "layerfreeze.policies.linear",
+    "layerfreeze.freezer",
+    "layerfreeze.state",
+    "layerfreeze.validation",
 ]
 
 

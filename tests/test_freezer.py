@@ -293,3 +293,22 @@ def test_frozen_attention_keeps_the_fused_inference_path_and_pickles():
     for clone in (pickle.loads(pickle.dumps(encoder)), copy.deepcopy(encoder)):
         with torch.no_grad():
             assert torch.equal(clone(x), expected)
+
+
+def test_a_copy_of_a_pinned_model_trains_normally_until_a_freezer_pins_it_again():
+    model, opt, freezer = make(batchnorm="eval")
+    freezer.apply(2)  # features.1 (BatchNorm) frozen and pinned
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        bn = clone.features[1]
+        clone.train()
+        assert bn.training  # the pin stayed with the model its freezer controls
+        other = Freezer(clone, [torch.optim.SGD(clone.parameters(), lr=0.1)], definition_order(clone),
+                        batchnorm="eval")
+        other.apply(2)
+        clone.train()
+        assert not bn.training
+        other.apply(0)
+        clone.train()
+        assert bn.training
+    model.train()
+    assert not model.features[1].training

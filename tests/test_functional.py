@@ -171,3 +171,11 @@ def test_freeze_layers_warns_when_it_leaves_nothing_to_train(caplog):
     assert not any(p.requires_grad for p in model.parameters())  # Composer's outcome, kept
     assert "freeze_layers froze every trainable parameter of Tied (its last layer, out, holds only" in caplog.text
     assert "HINT: use layerfreeze.LayerFreezing" in caplog.text
+
+
+def test_zero_dim_tensor_knobs_compute_in_their_own_type_as_composer_does():
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(11)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    depth, fraction = lf.freeze_layers(model, opt, 0.75, torch.tensor(0.5), 1.0)
+    assert depth == 5 and isinstance(fraction, torch.Tensor) and fraction.item() == 0.5
+    assert [p.requires_grad for p in model.parameters()] == [False] * 10 + [True] * 12

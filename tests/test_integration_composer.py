@@ -218,17 +218,102 @@ def test_checkpoint_of_composer_layer_freezing_loads_with_a_warning(tmp_path, ca
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Composer's own warns that it cannot resume
         with caplog.at_level("WARNING", logger="layerfreeze"):
-            trainer = _trainer([LayerFreezing(0.25)], load_path=str(tmp_path / "1.pt"))
-    assert "holds no layer-freezing state" in caplog.text
+            logger = InMemoryLogger()
+            trainer = _trainer([LayerFreezing(0.25)], load_path=str(tmp_path / "1.pt"), loggers=[logger])
+    assert "holds no layer-freezing state" in caplog.text and "HINT:" in caplog.text
     trainer.fit()
-    # 12 of 16 steps counted since the resume: fraction (0.75 - 0.25) / 0.75, int(2/3 * 5) = 3 layers
-    assert _frozen(trainer) == [f"module.{i}.{k}" for i in (0, 2, 4) for k in ("bias", "weight")]
+    # epoch ends 2, 3, 4 of 4 by the run's timestamp: fractions 1/3, 2/3, 1 of 5 layers
+    assert _history(logger)[lf.LAYERS_FROZEN] == [1, 3, 5]
 
 
-def test_max_duration_in_samples_is_rejected():
-    trainer = _trainer([LayerFreezing()], max_duration="64sp")
-    with pytest.raises(ValueError, match=r"max_duration must be in epochs \('ep'\) or batches \('ba'\)"):
-        trainer.fit()
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_freezing_added_on_resume_follows_the_runs_true_progress(tmp_path, interval):
+    """A run saved without freezing after epoch 2 of 4, resumed with freezing added: the
+    schedule continues from the timestamp (epochs 3 and 4), as Composer's own does."""
+    _trainer([], save_folder=str(tmp_path), save_interval="1ep", save_filename="{epoch}.pt").fit()
+    logged = {}
+    for name, algorithm in (("composer", ComposerLayerFreezing(0.0)), ("ours", LayerFreezing(0.0, interval=interval))):
+        logger = InMemoryLogger()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _trainer([algorithm], load_path=str(tmp_path / "2.pt"), loggers=[logger]).fit()
+        logged[name] = _history(logger)[lf.LAYERS_FROZEN]
+    assert logged["composer"] == [3, 5]  # int(0.75 * 5), int(1.0 * 5)
+    # interval="step": after batches 9..16 of 16, int(k/16 * 5)
+    assert logged["ours"] == ([3, 5] if interval == "epoch" else [2, 3, 3, 3, 4, 4, 4, 5])
+
+
+# 4 epochs of 4 batches of 4 samples of 6 "tokens" each, in every unit Composer accepts
+DURATIONS_ALIKE = ["4ep", "16ba", "64sp", "384tok"]
+
+
+class _Tokens(TensorDataset):
+    max_seq_len = 6  # Composer counts tokens per sample from this attribute
+
+
+def _tokens_loader() -> DataLoader:
+    loader = _loader()
+    return DataLoader(_Tokens(*loader.dataset.tensors), batch_size=4, shuffle=False)
+
+
+@pytest.mark.parametrize("max_duration", DURATIONS_ALIKE)
+@pytest.mark.parametrize("interval, depths", [
+    ("epoch", [0, 1, 3, 5]),
+    # after batch k of 16: int((k/16 - 0.25) / 0.75 * 5), 0 up to k = 4
+    ("step", [0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 5]),
+])
+def test_every_max_duration_unit(max_duration, interval, depths):
+    logger = InMemoryLogger()
+    model = ComposerClassifier(_net(), num_classes=2)
+    Trainer(model=model, train_dataloader=_tokens_loader(), max_duration=max_duration,
+            optimizers=torch.optim.SGD(model.parameters(), lr=0.05), algorithms=[LayerFreezing(0.25, interval=interval)],
+            loggers=[logger], device="cpu", progress_bar=False, log_to_console=False).fit()
+    assert _history(logger)[lf.LAYERS_FROZEN] == depths
+
+
+def _state(epoch: int, max_epochs: int = 100):
+    """A State fast-forwarded to an epoch, as Composer's own tests build one: no FIT_START, no batches."""
+    from unittest.mock import Mock
+
+    from composer.core import Precision, State, Timestamp
+    from composer.devices import DeviceCPU
+
+    model = ComposerClassifier(_net(), num_classes=2)
+    state = State(model=model, rank_zero_seed=0, device=DeviceCPU(), run_name="direct",
+                  optimizers=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), precision=Precision.FP32,
+                  dataloader=Mock(__len__=lambda _: 100), dataloader_label="train", device_train_microbatch_size=1,
+                  max_duration=f"{max_epochs}ep")
+    state.timestamp = Timestamp(epoch=epoch)
+    return state
+
+
+@pytest.mark.parametrize("freeze_start, epoch, frozen_layers", [(0.5, 10, []), (0.05, 80, [0, 2, 4]), (0.0, 100, [0, 2, 4, 6, 8])])
+def test_epoch_end_applied_directly_to_a_state(freeze_start, epoch, frozen_layers):
+    """apply(EPOCH_END) on a State that never saw FIT_START attaches and freezes by its timestamp:
+    epoch 80 of 100 with freeze_start 0.05 is fraction 0.75 / 0.95, int(0.789 * 5) = 3 layers."""
+    from unittest.mock import Mock
+
+    from composer.core import Event
+
+    state, theirs = _state(epoch), _state(epoch)
+    logged: list[dict] = []
+    LayerFreezing(freeze_start).apply(Event.EPOCH_END, state, Mock(log_metrics=logged.append))
+    ComposerLayerFreezing(freeze_start).apply(Event.EPOCH_END, theirs, Mock())
+    expected = [f"module.{i}.{k}" for i in frozen_layers for k in ("bias", "weight")]
+    frozen = lambda s: sorted(n for n, p in s.model.named_parameters() if not p.requires_grad)  # noqa: E731
+    assert frozen(state) == frozen(theirs) == expected
+    group = state.optimizers[0].param_groups[0]["params"]
+    names = {id(p): n for n, p in state.model.named_parameters()}
+    assert sorted(names[id(p)] for p in group) == sorted(n for n, _ in state.model.named_parameters() if n not in expected)
+    assert [row[lf.LAYERS_FROZEN] for row in logged] == [len(frozen_layers)]
+
+
+def test_ddp_find_unused_parameters_left_alone(monkeypatch):
+    """The reducer rebuild handles DDP on this torch, so Composer need not walk the graph every step."""
+    assert LayerFreezing().find_unused_parameters is False
+    assert ComposerLayerFreezing().find_unused_parameters is True  # Composer's own asks for it
+    monkeypatch.delattr(torch.nn.parallel.DistributedDataParallel, "_build_params_for_reducer")
+    assert LayerFreezing().find_unused_parameters is True  # no rebuild: DDP must be told
 
 
 def test_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):

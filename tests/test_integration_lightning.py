@@ -197,6 +197,19 @@ def test_mid_epoch_checkpoint_restores_the_frozen_set(tmp_path):
     assert starts == [[], ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]]
 
 
+@pytest.mark.parametrize("interval, depths", [("epoch", [3, 5]), ("step", [2, 2, 2, 3, 3, 4, 4, 5])])
+def test_freezing_added_on_resume_follows_the_runs_true_progress(tmp_path, interval, depths):
+    """A run checkpointed without freezing, resumed after epoch 2 of 4 (step 8 of 16) with the callback."""
+    checkpoint = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "plain", save_top_k=-1, filename="{epoch}")
+    _trainer(tmp_path, [checkpoint], enable_checkpointing=True).fit(Module(_net()), _loader())
+    recorder, callback = Recorder(), LayerFreezingCallback(freeze_start=0.25, interval=interval)
+    _trainer(tmp_path, [callback], logger=recorder, log_every_n_steps=1).fit(
+        Module(_net()), _loader(), ckpt_path=tmp_path / "plain" / "epoch=1.ckpt")
+    # the schedule at steps 9..16 of 16: fraction (k/16 - 0.25) / 0.75 of 5 layers, not at 1..8
+    assert recorder.values(lf.LAYERS_FROZEN) == depths
+    assert callback.freezing.state_dict()["step"] == 16
+
+
 def _readme_code(title: str) -> str:
     import pathlib
     import re

@@ -84,9 +84,11 @@ def test_freezes_at_epoch_ends_in_the_trainers_optimizer_and_logs(tmp_path):
     callback = LayerFreezingCallback(freeze_start=0.25)
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=Tokens(), callbacks=[callback, recorder])
     trainer.train()
-    depths = [0, int(1 / 3 * (LAYERS - 1)), int(2 / 3 * (LAYERS - 1)), LAYERS - 1]
-    assert _logged(trainer, lf.LAYERS_FROZEN) == depths
-    assert _logged(trainer, lf.PERCENTAGE_FROZEN) == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
+    # logging_strategy="no": a row at each change of the frozen set (epoch ends 2, 3, 4 of 21 freezable layers)
+    assert LAYERS == 22
+    assert _logged(trainer, lf.LAYERS_FROZEN) == [7, 14, 21]
+    assert _logged(trainer, lf.PERCENTAGE_FROZEN) == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert [row["step"] for row in trainer.state.log_history if lf.LAYERS_FROZEN in row] == [8, 12, 16]
     # the frozen set changes right at the last step of each epoch (steps 4, 8, 12, 16)
     counts = dict(recorder.seen)
     assert counts[7] == 0 < counts[8] == counts[11] < counts[12] == counts[15] < counts[16]
@@ -103,7 +105,8 @@ def test_interval_step_with_linear_schedule(tmp_path):
     trainer = Trainer(model=model, args=_args(tmp_path, num_train_epochs=1, lr_scheduler_type="linear"),
                       train_dataset=Tokens(), callbacks=[callback])
     trainer.train()
-    assert _logged(trainer, lf.LAYERS_FROZEN) == [int(k / 4 * (LAYERS - 1)) for k in (1, 2, 3, 4)]
+    # 21 freezable layers: depth int(k/4 * 21) after step k
+    assert _logged(trainer, lf.LAYERS_FROZEN) == [5, 10, 15, 21]
     assert trainer.lr_scheduler.get_last_lr() == [0.0, 0.0]
 
 
@@ -152,4 +155,113 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(re.findall(r"```python\n(.*?)```", section, re.S)[0], "README.md", "exec"), {})
     out = capsys.readouterr().out
-    assert "[0.0, 0.0, 3.0, 7.0, 10.0, 14.0, 17.0, 21.0]\n" in out and out.endswith("True\n")
+    assert "[3.0, 7.0, 10.0, 14.0, 17.0, 21.0]\n" in out and out.endswith("True\n")
+
+
+# -- the Trainer's clock and logging cadence ------------------------------------
+
+class Rows(torch.utils.data.Dataset):
+    """24 examples for a 3-layer MLP (2 freezable layers): batch 1, 24 steps an epoch."""
+
+    def __init__(self, n: int = 24):
+        g = torch.Generator().manual_seed(2)
+        self.x, self.y = torch.randn(n, 6, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 6),
+                                       torch.nn.ReLU(), torch.nn.Linear(6, 2))
+
+    def forward(self, x, labels):
+        return {"loss": torch.nn.functional.cross_entropy(self.net(x), labels)}
+
+
+def _rows(trainer: Trainer, with_key: str) -> list[tuple[int, float]]:
+    return [(row["step"], row.get(lf.LAYERS_FROZEN)) for row in trainer.state.log_history if with_key in row]
+
+
+def _mlp_trainer(tmp_path, callbacks, **kwargs) -> Trainer:
+    args = _args(tmp_path, per_device_train_batch_size=1, num_train_epochs=1, learning_rate=0.05, **kwargs)
+    return Trainer(model=Mlp(), args=args, train_dataset=Rows(), callbacks=callbacks)
+
+
+@pytest.mark.slow
+def test_logs_at_the_trainers_cadence_and_keeps_its_loss_rows(tmp_path):
+    """24 steps, logging_steps=5: the Trainer's own rows (loss) are the same with the callback as
+    without; the callback adds a row after each of them and one at each change of the frozen set."""
+    plain = _mlp_trainer(tmp_path / "plain", [], logging_strategy="steps", logging_steps=5)
+    plain.train()
+    ours = _mlp_trainer(tmp_path / "ours", [LayerFreezingCallback(freeze_start=0.5, interval="step")],
+                        logging_strategy="steps", logging_steps=5)
+    ours.train()
+    assert [step for step, _ in _rows(plain, "loss")] == [5, 10, 15, 20]
+    assert [step for step, _ in _rows(ours, "loss")] == [5, 10, 15, 20]
+    # every row the Trainer writes without the callback, with the same keys, at the same steps
+    trainer_rows = lambda t: [(r["step"], sorted(r)) for r in t.state.log_history if lf.LAYERS_FROZEN not in r]  # noqa: E731
+    assert trainer_rows(ours) == trainer_rows(plain)
+    # depth 1 from step 18 ((18/24 - 0.5) / 0.5 = 0.5 of 2 layers), 2 at step 24
+    assert _rows(ours, lf.LAYERS_FROZEN) == [(5, 0), (10, 0), (15, 0), (18, 1), (20, 1), (24, 2)]
+    # at a logging step the Trainer's row comes first, the callback's right after it
+    assert [("loss" in r, lf.LAYERS_FROZEN in r) for r in ours.state.log_history if r["step"] == 5] == [
+        (True, False), (False, True)]
+
+
+@pytest.mark.slow
+def test_logs_at_epoch_ends_with_logging_strategy_epoch(tmp_path):
+    args = _args(tmp_path, per_device_train_batch_size=1, num_train_epochs=2, learning_rate=0.05,
+                 logging_strategy="epoch")
+    trainer = Trainer(model=Mlp(), args=args, train_dataset=Rows(),
+                      callbacks=[LayerFreezingCallback(freeze_start=0.5, interval="step")])
+    trainer.train()
+    # 48 steps: the Trainer logs at steps 24 and 48; depth 1 from step 36, 2 at 48
+    assert [step for step, _ in _rows(trainer, "loss")] == [24, 48]
+    assert _rows(trainer, lf.LAYERS_FROZEN) == [(24, 0), (36, 1), (48, 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interval, depths", [("epoch", [14, 21]), ("step", [8, 10, 12, 14, 15, 17, 19, 21])])
+def test_freezing_added_on_resume_follows_the_runs_true_progress(tmp_path, interval, depths):
+    """A run checkpointed without freezing, resumed at step 8 of 16 with the callback added."""
+    _run(tmp_path, lambda: [])
+    recorder = FrozenAtStepEnd()
+    callback = LayerFreezingCallback(freeze_start=0.25, interval=interval)
+    trainer = Trainer(model=tiny_bert(), args=_args(tmp_path, save_strategy="no"), train_dataset=Tokens(),
+                      callbacks=[callback, recorder])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    # the schedule at steps 9..16 of 16 (fraction (k/16 - 0.25) / 0.75 of 21 layers), not at 1..8
+    assert _logged(trainer, lf.LAYERS_FROZEN) == depths
+    assert [step for step, _ in recorder.seen] == list(range(9, 17))
+    assert callback.freezing.state_dict()["step"] == 16
+
+
+def test_the_optimizer_load_hook_names_an_unknown_transformers(monkeypatch, tmp_path):
+    from layerfreeze.integrations import transformers as integration
+
+    trainer = Trainer(model=tiny_bert(), args=_args(tmp_path), train_dataset=Tokens())
+    monkeypatch.delattr(Trainer, "_load_optimizer_and_scheduler")
+    monkeypatch.setattr(integration.transformers, "__version__", "9.0.0")
+    with pytest.raises(RuntimeError, match=r"cannot resume frozen layers with transformers 9\.0\.0: its Trainer "
+                                           r"has no _load_optimizer_and_scheduler\(checkpoint\) \(tested with 4\.40"):
+        integration._before_optimizer_load(trainer, lambda checkpoint: None)
+
+
+def test_no_class_wide_patch(tmp_path):
+    """Building a callback and a trainer with it leaves the Trainer class as it was."""
+    before = {name: getattr(Trainer, name) for name in dir(Trainer) if callable(getattr(Trainer, name))}
+    callback = LayerFreezingCallback()
+    trainer = Trainer(model=tiny_bert(), args=_args(tmp_path), train_dataset=Tokens(), callbacks=[callback])
+    after = {name: getattr(Trainer, name) for name in dir(Trainer) if callable(getattr(Trainer, name))}
+    assert after == before
+    assert callback._trainer is trainer
+    other = Trainer(model=tiny_bert(), args=_args(tmp_path), train_dataset=Tokens())
+    assert "_load_optimizer_and_scheduler" not in vars(other)  # only the callback's own trainer is hooked
+    assert "_load_optimizer_and_scheduler" in vars(trainer)

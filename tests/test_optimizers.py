@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 from typing import Any, Callable
 
 import pytest
@@ -24,8 +25,10 @@ from layerfreeze import distributed
 
 O = torch.optim
 CUDA = torch.cuda.is_available()
+# LAYERFREEZE_TEST_DEVICE=cuda runs every configuration on the GPU (fused and foreach CUDA kernels).
+ALL_ON_CUDA = CUDA and os.environ.get("LAYERFREEZE_TEST_DEVICE") == "cuda"
 
-# name -> (factory of the optimizers for a model, needs CUDA)
+# name -> (factory of the optimizers for a model, where it runs: "any", "cuda" or "cpu")
 Factory = Callable[[nn.Module], list[torch.optim.Optimizer]]
 
 
@@ -39,49 +42,49 @@ def _sparse_adam(model: nn.Module) -> list[torch.optim.Optimizer]:
     return [O.SparseAdam(model[0].parameters(), lr=0.05), O.Adam(model[1:].parameters(), lr=0.01)]
 
 
-CONFIGS: dict[str, tuple[Factory, bool]] = {
-    "sgd": (_one(O.SGD, lr=0.05), False),
-    "sgd_nesterov_wd": (_one(O.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), False),
-    "sgd_foreach": (_one(O.SGD, lr=0.05, momentum=0.9, foreach=True), False),
-    "sgd_fused": (_one(O.SGD, lr=0.05, momentum=0.9, fused=True), False),
-    "adam": (_one(O.Adam, lr=0.01), False),
-    "adam_amsgrad_maximize": (_one(O.Adam, lr=0.01, amsgrad=True, maximize=True), False),
-    "adam_foreach": (_one(O.Adam, lr=0.01, foreach=True), False),
-    "adam_fused": (_one(O.Adam, lr=0.01, fused=True), False),
-    "adam_capturable": (_one(O.Adam, lr=0.01, capturable=True), True),
-    "adamw": (_one(O.AdamW, lr=0.01, weight_decay=0.1), False),
-    "adamw_foreach": (_one(O.AdamW, lr=0.01, weight_decay=0.1, foreach=True), False),
-    "adamw_fused": (_one(O.AdamW, lr=0.01, weight_decay=0.1, fused=True), False),
-    "adamw_capturable": (_one(O.AdamW, lr=0.01, weight_decay=0.1, capturable=True, foreach=True), True),
-    "adagrad": (_one(O.Adagrad, lr=0.05, lr_decay=0.01, weight_decay=0.01), False),
-    "adagrad_foreach": (_one(O.Adagrad, lr=0.05, foreach=True), False),
-    "adagrad_fused": (_one(O.Adagrad, lr=0.05, fused=True), False),
-    "adadelta": (_one(O.Adadelta, lr=0.5), False),
-    "adadelta_foreach": (_one(O.Adadelta, lr=0.5, foreach=True), False),
-    "adadelta_capturable": (_one(O.Adadelta, lr=0.5, capturable=True), True),
-    "adamax": (_one(O.Adamax, lr=0.01), False),
-    "adamax_foreach": (_one(O.Adamax, lr=0.01, foreach=True), False),
-    "asgd": (_one(O.ASGD, lr=0.05, t0=2.0), False),
-    "asgd_foreach": (_one(O.ASGD, lr=0.05, t0=2.0, foreach=True), False),
-    "asgd_capturable": (_one(O.ASGD, lr=0.05, t0=2.0, capturable=True), True),
-    "nadam": (_one(O.NAdam, lr=0.01), False),
+CONFIGS: dict[str, tuple[Factory, str]] = {
+    "sgd": (_one(O.SGD, lr=0.05), "any"),
+    "sgd_nesterov_wd": (_one(O.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), "any"),
+    "sgd_foreach": (_one(O.SGD, lr=0.05, momentum=0.9, foreach=True), "any"),
+    "sgd_fused": (_one(O.SGD, lr=0.05, momentum=0.9, fused=True), "any"),
+    "adam": (_one(O.Adam, lr=0.01), "any"),
+    "adam_amsgrad_maximize": (_one(O.Adam, lr=0.01, amsgrad=True, maximize=True), "any"),
+    "adam_foreach": (_one(O.Adam, lr=0.01, foreach=True), "any"),
+    "adam_fused": (_one(O.Adam, lr=0.01, fused=True), "any"),
+    "adam_capturable": (_one(O.Adam, lr=0.01, capturable=True), "cuda"),
+    "adamw": (_one(O.AdamW, lr=0.01, weight_decay=0.1), "any"),
+    "adamw_foreach": (_one(O.AdamW, lr=0.01, weight_decay=0.1, foreach=True), "any"),
+    "adamw_fused": (_one(O.AdamW, lr=0.01, weight_decay=0.1, fused=True), "any"),
+    "adamw_capturable": (_one(O.AdamW, lr=0.01, weight_decay=0.1, capturable=True, foreach=True), "cuda"),
+    "adagrad": (_one(O.Adagrad, lr=0.05, lr_decay=0.01, weight_decay=0.01), "any"),
+    "adagrad_foreach": (_one(O.Adagrad, lr=0.05, foreach=True), "any"),
+    "adagrad_fused": (_one(O.Adagrad, lr=0.05, fused=True), "cpu"),  # no CUDA kernel
+    "adadelta": (_one(O.Adadelta, lr=0.5), "any"),
+    "adadelta_foreach": (_one(O.Adadelta, lr=0.5, foreach=True), "any"),
+    "adadelta_capturable": (_one(O.Adadelta, lr=0.5, capturable=True), "cuda"),
+    "adamax": (_one(O.Adamax, lr=0.01), "any"),
+    "adamax_foreach": (_one(O.Adamax, lr=0.01, foreach=True), "any"),
+    "asgd": (_one(O.ASGD, lr=0.05, t0=2.0), "any"),
+    "asgd_foreach": (_one(O.ASGD, lr=0.05, t0=2.0, foreach=True), "any"),
+    "asgd_capturable": (_one(O.ASGD, lr=0.05, t0=2.0, capturable=True), "cuda"),
+    "nadam": (_one(O.NAdam, lr=0.01), "any"),
     "nadam_foreach_decoupled": (_one(O.NAdam, lr=0.01, weight_decay=0.01, decoupled_weight_decay=True,
-                                     foreach=True), False),
-    "nadam_capturable": (_one(O.NAdam, lr=0.01, capturable=True), True),
-    "radam": (_one(O.RAdam, lr=0.01), False),
+                                     foreach=True), "any"),
+    "nadam_capturable": (_one(O.NAdam, lr=0.01, capturable=True), "cuda"),
+    "radam": (_one(O.RAdam, lr=0.01), "any"),
     "radam_foreach_decoupled": (_one(O.RAdam, lr=0.01, weight_decay=0.01, decoupled_weight_decay=True,
-                                     foreach=True), False),
-    "rmsprop_centered_momentum": (_one(O.RMSprop, lr=0.01, centered=True, momentum=0.5), False),
-    "rmsprop_foreach": (_one(O.RMSprop, lr=0.01, foreach=True), False),
-    "rmsprop_capturable": (_one(O.RMSprop, lr=0.01, capturable=True), True),
-    "rprop": (_one(O.Rprop, lr=0.01), False),
-    "rprop_foreach": (_one(O.Rprop, lr=0.01, foreach=True), False),
-    "adafactor": (_one(O.Adafactor, lr=0.01), False),
-    "adafactor_foreach": (_one(O.Adafactor, lr=0.01, foreach=True), False),
-    "muon": (_one(O.Muon, lr=0.02), False),
-    "lbfgs": (_one(O.LBFGS, lr=0.5, max_iter=4), False),
-    "lbfgs_strong_wolfe": (_one(O.LBFGS, lr=1.0, max_iter=4, line_search_fn="strong_wolfe"), False),
-    "sparse_adam": (_sparse_adam, False),
+                                     foreach=True), "any"),
+    "rmsprop_centered_momentum": (_one(O.RMSprop, lr=0.01, centered=True, momentum=0.5), "any"),
+    "rmsprop_foreach": (_one(O.RMSprop, lr=0.01, foreach=True), "any"),
+    "rmsprop_capturable": (_one(O.RMSprop, lr=0.01, capturable=True), "cuda"),
+    "rprop": (_one(O.Rprop, lr=0.01), "any"),
+    "rprop_foreach": (_one(O.Rprop, lr=0.01, foreach=True), "any"),
+    "adafactor": (_one(O.Adafactor, lr=0.01), "any"),
+    "adafactor_foreach": (_one(O.Adafactor, lr=0.01, foreach=True), "any"),
+    "muon": (_one(O.Muon, lr=0.02), "any"),
+    "lbfgs": (_one(O.LBFGS, lr=0.5, max_iter=4), "any"),
+    "lbfgs_strong_wolfe": (_one(O.LBFGS, lr=1.0, max_iter=4, line_search_fn="strong_wolfe"), "any"),
+    "sparse_adam": (_sparse_adam, "any"),
 }
 
 
@@ -103,7 +106,8 @@ def _batch(name: str, step: int) -> torch.Tensor:
 
 
 def _device(name: str) -> torch.device:
-    return torch.device("cuda" if CONFIGS[name][1] else "cpu")
+    where = CONFIGS[name][1]
+    return torch.device("cuda" if where == "cuda" or (ALL_ON_CUDA and where == "any") else "cpu")
 
 
 def _build(name: str) -> tuple[nn.Module, list[torch.optim.Optimizer], lf.LayerFreezing]:
@@ -153,8 +157,8 @@ def _assert_same_state(a: dict, b: dict) -> None:
         left, right = a["state"][index], b["state"][index]
         assert left.keys() == right.keys(), index
         for key in left:
-            if isinstance(left[key], torch.Tensor):
-                assert torch.equal(left[key], right[key]), (index, key)
+            if isinstance(left[key], torch.Tensor):  # (a loaded scalar may sit on another device)
+                assert torch.equal(left[key].cpu(), right[key].cpu()), (index, key)
             elif isinstance(left[key], list):  # LBFGS history
                 assert len(left[key]) == len(right[key]) and all(
                     torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v for u, v in zip(left[key], right[key])
@@ -164,8 +168,8 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 def _configs() -> list:
-    return [pytest.param(name, marks=pytest.mark.skipif(cuda and not CUDA, reason="capturable needs CUDA"))
-            for name, (_, cuda) in CONFIGS.items()]
+    return [pytest.param(name, marks=pytest.mark.skipif(where == "cuda" and not CUDA, reason="capturable needs CUDA"))
+            for name, (_, where) in CONFIGS.items()]
 
 
 @pytest.mark.parametrize("name", _configs())
@@ -539,3 +543,30 @@ def test_named_optimizer_keys_state_by_the_right_names():
     freezing.set_depth(0)
     assert opt.ordered_param_keys == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias",
                                       "6.weight", "6.bias"]
+
+
+def test_lightning_and_accelerate_wrappers_share_their_groups_and_freeze_the_inner_optimizer():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
+    model = _model("mlp")
+    inner = O.Adam(model.parameters(), lr=0.01)
+    wrapped = [LightningOptimizer(inner)]
+    accelerator = accelerate.Accelerator(cpu=True)
+    try:
+        other_inner = O.Adam(model.parameters(), lr=0.01)
+        wrapped.append(accelerator.prepare_optimizer(other_inner))
+        for wrapper, opt in zip(wrapped, (inner, other_inner)):
+            freezing = lf.LayerFreezing().attach(model, wrapper, total_steps=10)
+            model(_batch("mlp", 0)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            freezing.set_depth(1)
+            assert opt.param_groups[0]["params"] == list(model[2:].parameters())
+            assert {id(p) for p in opt.state} == {id(p) for p in model[2:].parameters()}
+            assert sorted(wrapper.state_dict()["state"]) == list(range(6))
+            freezing.detach()
+    finally:
+        AcceleratorState._reset_state(True)

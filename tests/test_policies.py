@@ -271,3 +271,22 @@ def test_a_refused_state_before_attach_is_not_kept():
 def test_policy_load_state_dict_called_directly_names_the_field(policy, state, message):
     with pytest.raises(ValueError, match=message):
         policy().load_state_dict(state)
+
+
+@pytest.mark.parametrize("policy, total, message", [
+    (lambda: GradientChange(every=50), 60, "GradientChange(every=50) compares two windows of 50 steps before its "
+     "first decision, at step 100, but the run has 60 steps: nothing will freeze. HINT: pass every <= 30"),
+    (lambda: Convergence(every=40), 60, "Convergence(every=40) compares its first two probes at step 80, but the "
+     "run has 60 steps: nothing will freeze. HINT: pass every <= 30"),
+    (lambda: GradientChange(every=30), 60, None),
+    (lambda: Convergence(every=30), 60, None),
+])
+def test_adaptive_policies_say_when_the_run_is_too_short_to_decide(policy, total, message, caplog):
+    model = mlp(5, 6)
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        lf.LayerFreezing(policy=policy(), interval="step").attach(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=total)
+    if message is None:
+        assert "nothing will freeze" not in caplog.text
+    else:
+        assert message in caplog.text

@@ -15,15 +15,15 @@ from conftest import ConvBN, batch_for, mlp, train_step
 
 
 @pytest.mark.parametrize("value, expected", [
-    (3, 3), (np.int64(3), 3), (np.int32(3), 3), (np.uint8(3), 3),
+    (3, 3), (np.int64(3), 3), (np.int32(3), 3), (np.uint8(3), 3), (np.array(3), 3), (torch.tensor(3), 3),
 ])
 def test_check_int_accepts_python_and_numpy_integers_as_plain_int(value, expected):
     checked = check_int("every", value)
     assert checked == expected and type(checked) is int
 
 
-@pytest.mark.parametrize("value", [0, -2, 2.0, 2.5, True, np.bool_(True), "3", None, np.array([3]), np.array(3),
-                                   torch.tensor(3)])
+@pytest.mark.parametrize("value", [0, -2, 2.0, 2.5, True, np.bool_(True), "3", None, np.array([3]), np.array(3.0),
+                                   torch.tensor([3]), torch.tensor(True), torch.tensor(-1)])
 def test_check_int_refuses_everything_else_naming_the_argument(value):
     with pytest.raises(ValueError, match=r"^every must be a positive int, got "):
         check_int("every", value)
@@ -31,7 +31,8 @@ def test_check_int_refuses_everything_else_naming_the_argument(value):
 
 @pytest.mark.parametrize("value, expected", [
     (0.5, 0.5), (1, 1.0), (np.float32(0.5), 0.5), (np.float64(0.25), 0.25), (np.int64(1), 1.0),
-    (np.float16(0.5), 0.5),
+    (np.float16(0.5), 0.5), (np.array(0.5), 0.5), (torch.tensor(0.5), 0.5),
+    (torch.tensor(0.5, dtype=torch.float64), 0.5),
 ])
 def test_check_number_accepts_python_and_numpy_reals_as_plain_float(value, expected):
     checked = check_number("t0", value, 0.0, 1.0, low_open=True)
@@ -40,8 +41,9 @@ def test_check_number_accepts_python_and_numpy_reals_as_plain_float(value, expec
 
 @pytest.mark.parametrize("value, error, message", [
     (np.array([0.1, 0.2]), TypeError, r"t0 must be a number in \(0, 1\], got array\(\[0.1, 0.2\]\)"),
-    (np.array(0.5), TypeError, r"t0 must be a number in \(0, 1\], got array\(0.5\)"),
-    (torch.tensor(0.5), TypeError, r"t0 must be a number in \(0, 1\], got tensor\(0.5000\)"),
+    (np.array([0.5]), TypeError, r"t0 must be a number in \(0, 1\], got array\(\[0.5\]\)"),
+    (torch.tensor([0.5]), TypeError, r"t0 must be a number in \(0, 1\], got tensor\(\[0.5000\]\)"),
+    (np.array(True), TypeError, r"t0 must be a number in \(0, 1\], got array\(True\)"),
     ("0.5", TypeError, r"t0 must be a number in \(0, 1\], got '0.5'"),
     (np.bool_(True), TypeError, r"t0 must be a number in \(0, 1\], got np.True_"),
     (0.0, ValueError, r"t0 must be in \(0, 1\], got 0.0"),
@@ -107,6 +109,8 @@ def test_layerfreezing_accepts_numpy_scalars_as_python_values():
      r"interval must be one of 'epoch', 'step', got array\(\['epoch'\], dtype='<U5'\)"),
     (lambda: lf.LayerFreezing(max_changes=np.array([3])), ValueError,
      r"max_changes must be a positive int or None, got array\(\[3\]\)"),
+    (lambda: lf.LayerFreezing(policy=Linear(), freeze_start=np.array([0.1, 0.2])), ValueError,
+     r"pass either policy=\.\.\. or freeze_start/freeze_level/measure, not both \(got freeze_start beside policy\)"),
     (lambda: FreezeOut(t0=np.array([0.5, 0.6])), TypeError, r"t0 must be a number in \(0, 1\], got array"),
     (lambda: FreezeOut(spacing=np.array(["cubic"])), ValueError, r"spacing must be one of 'linear', 'squared', 'cubic'"),
     (lambda: GradientChange(every=np.array([10, 20])), ValueError, r"every must be a positive int, got array"),

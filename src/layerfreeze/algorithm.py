@@ -15,6 +15,7 @@ and :mod:`layerfreeze.gradient_bridge` (reentrant activation checkpointing).
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -28,7 +29,7 @@ from .hints import summarize
 from .layers import UNITS, ExecutionTracer, Layer, definition_order, execution_order, layer_flops
 from .policies import Context, Linear, Policy, Progress
 from .state import FreezingState
-from .validation import check_choice, check_int, is_int
+from .validation import check_choice, check_int, is_int, is_real
 
 __all__ = ["LayerFreezing", "LAYERS_FROZEN", "PERCENTAGE_FROZEN", "PARAMS_FROZEN"]
 
@@ -46,6 +47,15 @@ ORDERS = ("definition", "execution")
 # than on the policy object. Weak values: an entry goes with its LayerFreezing, and
 # that holds its policy, so an id cannot be reused while its entry exists.
 _POLICY_OWNERS: "weakref.WeakValueDictionary[int, LayerFreezing]" = weakref.WeakValueDictionary()
+
+
+def _fraction_done(value: object) -> Optional[float]:
+    # The trainer's elapsed fraction of the run; above 1 is held at 1 by _progress.
+    if value is None:
+        return None
+    if not is_real(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"duration must be a finite number >= 0 (the elapsed fraction of the run), got {value!r}")
+    return float(value)
 
 
 def _as_runner(example_inputs: Any) -> Callable[[nn.Module], Any]:
@@ -127,10 +137,14 @@ class LayerFreezing:
         else:
             if not isinstance(policy, Policy):
                 raise TypeError(f"policy must be a layerfreeze.policies.Policy, got {type(policy).__name__}")
-            if (freeze_start, freeze_level, measure) != (0.5, 1.0, "layers"):
+            given = [name for name, value, default in (("freeze_start", freeze_start, 0.5),
+                                                        ("freeze_level", freeze_level, 1.0),
+                                                        ("measure", measure, "layers"))
+                     if not (is_real(value) if is_real(default) else isinstance(value, str)) or value != default]
+            if given:
                 raise ValueError(
-                    "pass either policy=... or freeze_start/freeze_level/measure, not both; "
-                    "set the schedule on the policy itself"
+                    f"pass either policy=... or freeze_start/freeze_level/measure, not both (got {', '.join(given)} "
+                    "beside policy); set the schedule on the policy itself"
                 )
         self.interval = check_choice("interval", interval, INTERVALS)
         self.order = check_choice("order", order, ORDERS)
@@ -158,6 +172,7 @@ class LayerFreezing:
         # checkpoint continues one (load_state_dict).
         self._step = self._epoch = self._changes = 0
         self._fraction = 0.0
+        self._duration: Optional[float] = None  # the trainer's elapsed fraction, when it gives one
         self._clipped_warned = self._epoch_warned = self._bn_hinted = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -281,26 +296,121 @@ class LayerFreezing:
         self._attached = False
 
     # -- events ------------------------------------------------------------
-    def step(self) -> None:
-        """Record one optimizer step; call it right after ``optimizer.step()``."""
+    def step(self, steps_done: Optional[int] = None, *, duration: Optional[float] = None) -> None:
+        """Record an optimizer step; call it right after ``optimizer.step()``.
+
+        A plain loop calls it without arguments (one more step, like an LR
+        scheduler). A trainer integration passes the trainer's own clock instead,
+        so that progress is the run's true progress, never a count of these calls
+        (which would restart at 0 when freezing is added to a resumed run).
+
+        Args:
+            steps_done: optimizer steps done in the whole run by the trainer's count
+                (the Hugging Face Trainer's ``state.global_step``, Lightning's
+                ``trainer.global_step``); default one more than recorded. The count
+                already recorded means no optimizer step was taken (a batch that only
+                accumulated gradients): the call does nothing then.
+            duration: elapsed fraction of the whole run in [0, 1], for trainers that
+                measure the run in other units than optimizer steps (Composer's
+                samples, tokens or epochs); default ``steps / total_steps``.
+
+        Raises:
+            ValueError: for a negative or non-int ``steps_done`` or a ``duration``
+                that is not a finite number >= 0; nothing changes then.
+            RuntimeError: before :meth:`attach`.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+            >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            >>> freezing = LayerFreezing(freeze_start=0.0, interval="step").attach(net, opt, total_steps=100)
+            >>> freezing.step(steps_done=50)        # the trainer's global step, e.g. after a resume
+            >>> freezing.frozen_depth               # fraction 0.5 of 2 freezable layers
+            1
+            >>> freezing.step(steps_done=50)        # same count: no optimizer step, nothing happens
+            >>> freezing.step(steps_done=51, duration=1.0)  # the run measured in samples is complete
+            >>> freezing.frozen_depth
+            2
+        """
         self._require_attached("step")
-        self._step += 1
+        before = self._step
+        if steps_done is not None and check_int("steps_done", steps_done, minimum=0) == before:
+            _fraction_done(duration)  # still validated
+            return
+        self._set_clock(before + 1 if steps_done is None else steps_done, None, duration)
         self.policy.after_step(self._progress())
         if self.interval == "step":
             self._decide()
-        elif self.steps_per_epoch is not None and self._step % self.steps_per_epoch == 0:
-            self._epoch += 1
-            self._decide()
-        elif self.steps_per_epoch is None and self._epoch == 0 and 2 * self._step > self.total_steps:
-            self._warn_no_epoch_end()
+        elif self.steps_per_epoch is not None:
+            # Epoch ends come from the step count: one decision when a boundary is reached or passed.
+            self._epoch = self._step // self.steps_per_epoch
+            if self._epoch > before // self.steps_per_epoch:
+                self._decide()
+        elif steps_done is None and self._epoch == 0 and 2 * self._step > self.total_steps:
+            self._warn_no_epoch_end()  # a plain loop's reminder; integrations passing their clock report epoch ends
 
-    def epoch_end(self) -> None:
-        """Record the end of an epoch (what trainer integrations call)."""
+    def epoch_end(
+        self,
+        epochs_done: Optional[int] = None,
+        *,
+        steps_done: Optional[int] = None,
+        duration: Optional[float] = None,
+    ) -> None:
+        """Record the end of an epoch (what trainer integrations call); with
+        ``interval="epoch"`` the policy decides now.
+
+        Args:
+            epochs_done: epochs done in the whole run by the trainer's count
+                (Composer's ``state.timestamp.epoch`` at ``EPOCH_END``); default one
+                more than recorded (or, with ``steps_per_epoch``, the count from steps).
+            steps_done: optimizer steps done in the whole run by the trainer's count;
+                default unchanged. No step event runs for steps recorded this way.
+            duration: elapsed fraction of the run in [0, 1] by the trainer's measure
+                (Composer's ``state.get_elapsed_duration()``); default ``steps / total_steps``.
+
+        Raises:
+            ValueError: for a negative or non-int count or a ``duration`` that is not
+                a finite number >= 0; nothing changes then.
+            RuntimeError: before :meth:`attach`.
+        """
         self._require_attached("epoch_end")
-        if self.steps_per_epoch is None:
-            self._epoch += 1
+        if epochs_done is None and self.steps_per_epoch is None:
+            epochs_done = self._epoch + 1
+        self._set_clock(steps_done, epochs_done, duration)
         if self.interval == "epoch":
             self._decide()
+
+    def sync(
+        self,
+        steps_done: Optional[int] = None,
+        *,
+        epochs_done: Optional[int] = None,
+        duration: Optional[float] = None,
+    ) -> None:
+        """Set the progress to the trainer's clock without any event or decision.
+
+        Trainer integrations call it when training (re)starts: a run resumed from a
+        checkpoint made without freezing is at step N, not 0, and the next decision
+        must follow from there (an epoch boundary is counted only once it is reached
+        after this point). Arguments as in :meth:`step` and :meth:`epoch_end`; a
+        count left out keeps its value.
+
+        Raises:
+            ValueError: for a negative or non-int count or a ``duration`` that is not
+                a finite number >= 0; nothing changes then.
+            RuntimeError: before :meth:`attach`.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+            >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            >>> freezing = LayerFreezing(freeze_start=0.0).attach(net, opt, total_steps=8, steps_per_epoch=2)
+            >>> freezing.sync(steps_done=5)     # resumed mid-epoch: the boundary at 4 is past
+            >>> freezing.step(); freezing.frozen_depth   # step 6 ends epoch 3: fraction 6/8
+            1
+        """
+        self._require_attached("sync")
+        if steps_done is not None and self.steps_per_epoch is not None and epochs_done is None:
+            epochs_done = check_int("steps_done", steps_done, minimum=0) // self.steps_per_epoch
+        self._set_clock(steps_done, epochs_done, duration)
 
     def set_depth(self, depth: int) -> None:
         """Freeze exactly the first ``depth`` layers now (smaller depths unfreeze).
@@ -463,14 +573,27 @@ class LayerFreezing:
                 f"{what}() called before attach(); call freezing.attach(model, optimizers, total_steps) first"
             )
 
+    def _set_clock(self, steps_done: Optional[int], epochs_done: Optional[int], duration: Optional[float]) -> None:
+        # Validate everything, then change: a refused call changes nothing. A duration
+        # holds until the next clock update; without one, progress is steps / total_steps.
+        steps = None if steps_done is None else check_int("steps_done", steps_done, minimum=0)
+        epochs = None if epochs_done is None else check_int("epochs_done", epochs_done, minimum=0)
+        self._duration = _fraction_done(duration)
+        if steps is not None:
+            self._step = steps
+        if epochs is not None:
+            self._epoch = epochs
+
     def _progress(self) -> Progress:
-        duration = self._step / self.total_steps
+        # The trainer's elapsed fraction when it gave one, else optimizer steps done.
+        duration = self._step / self.total_steps if self._duration is None else self._duration
         if duration > 1.0:
             if not self._clipped_warned:
                 self._clipped_warned = True
                 log.warning(
-                    "layerfreeze: %d steps done but total_steps=%d; progress is held at 1.0. "
-                    "Pass the run's real number of optimizer steps to attach()", self._step, self.total_steps,
+                    "layerfreeze: %d steps done but total_steps=%d (elapsed fraction %.4g); progress is held "
+                    "at 1.0. HINT: pass the run's real number of optimizer steps to attach()",
+                    self._step, self.total_steps, duration,
                 )
             duration = 1.0
         return Progress(self._step, self.total_steps, self._epoch, duration, self.frozen_depth)
@@ -491,7 +614,7 @@ class LayerFreezing:
         depth = min(max(int(depth), 0), limit)
         if self.policy.monotone:
             depth = max(depth, self._freezer.depth)
-        self._fraction = fraction
+        self._fraction = float(fraction)  # plain data in state_dict, whatever number type a policy returns
         if depth != self._freezer.depth:
             if self.max_changes is not None and self._changes >= self.max_changes:
                 log.debug("layerfreeze: max_changes=%d reached; keeping depth %d", self.max_changes, self.frozen_depth)

@@ -54,6 +54,7 @@ __all__ = [
     "on_trainable_change",
     "check_agreement",
     "rebuild_unsupported_reason",
+    "torch_rebuild_unsupported_reason",
     "check_deepspeed",
     "check_optimizer",
     "is_zero",
@@ -120,6 +121,21 @@ def check_model(model: nn.Module) -> None:
                 "frozen one by one. HINT: wrap with FullyShardedDataParallel(..., "
                 "use_orig_params=True), or use FSDP2's torch.distributed.fsdp.fully_shard"
             )
+
+
+def torch_rebuild_unsupported_reason() -> Optional[str]:
+    """Why this torch cannot rebuild any DDP reducer in place, or None when it can.
+
+    The part of :func:`rebuild_unsupported_reason` known before a model is wrapped
+    (trainers that choose ``find_unused_parameters`` up front, as Composer does).
+    """
+    for name, args in _INTERNALS.items():
+        method = getattr(nn.parallel.DistributedDataParallel, name, None)
+        if method is None:
+            return f"this torch ({torch.__version__}) has no DistributedDataParallel.{name}"
+        if args and tuple(inspect.signature(method).parameters)[1 : len(args) + 1] != args:
+            return f"DistributedDataParallel.{name} has an unexpected signature in torch {torch.__version__}"
+    return None
 
 
 def rebuild_unsupported_reason(ddp: nn.parallel.DistributedDataParallel) -> Optional[str]:

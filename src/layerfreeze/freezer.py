@@ -119,16 +119,20 @@ def _set_group(group: dict[str, Any], pairs: Sequence[tuple[nn.Parameter, Option
             group["param_names"] = names
 
 
-def sync_optimizer(optimizer: torch.optim.Optimizer) -> None:
+def sync_optimizer(optimizer: torch.optim.Optimizer, thawed: Sequence[nn.Parameter] = ()) -> None:
     """Bring what ``optimizer`` keeps outside its param groups in line with them.
 
     Called after each change of its groups. LBFGS keeps its parameter list and
     the size of their flat concatenation, and its history (directions, steps,
     previous gradient) lives as flat vectors over all its parameters under the
     first one: a new parameter set invalidates all of it, so LBFGS restarts, as
-    at its first step. ZeroRedundancyOptimizer follows in
+    at its first step. Adagrad builds its state at construction on torch before
+    2.13 and reads it unconditionally at each step: ``thawed`` parameters get the
+    state its constructor gives. ZeroRedundancyOptimizer follows in
     :func:`layerfreeze.distributed.sync_zero`.
     """
+    if isinstance(optimizer, torch.optim.Adagrad):
+        _init_adagrad_state(optimizer, thawed)
     if isinstance(optimizer, torch.optim.SGD):
         _fill_fused_momentum(optimizer)
     if isinstance(getattr(optimizer, "ordered_param_keys", None), list) and isinstance(
@@ -142,6 +146,24 @@ def sync_optimizer(optimizer: torch.optim.Optimizer) -> None:
         optimizer._numel_cache = None
         optimizer.state.clear()
     distributed.sync_zero(optimizer)
+
+
+def _init_adagrad_state(optimizer: torch.optim.Adagrad, thawed: Sequence[nn.Parameter]) -> None:
+    ids = {id(p) for p in thawed}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in ids or optimizer.state.get(p):
+                continue
+            init = optimizer.defaults["initial_accumulator_value"]
+            state = optimizer.state[p]
+            # As Adagrad does: the step on the parameter's device when fused, in float32 unless
+            # the default dtype is float64 (torch.optim.optimizer._get_scalar_dtype).
+            fused = bool(group.get("fused"))
+            dtype = torch.float64 if not fused and torch.get_default_dtype() == torch.float64 else torch.float32
+            state["step"] = (torch.zeros((), dtype=dtype, device=p.device) if fused
+                             else torch.tensor(0.0, dtype=dtype))
+            state["sum"] = torch.full_like(p, complex(init, init) if torch.is_complex(p) else init,
+                                           memory_format=torch.preserve_format)
 
 
 def _fill_fused_momentum(optimizer: torch.optim.SGD) -> None:
@@ -354,7 +376,7 @@ class Freezer:
                 _set_group(group, in_order + extra)
                 changed = True
             if changed:
-                sync_optimizer(opt)
+                sync_optimizer(opt, params)
 
     def _hint_emptied(self) -> None:
         for index, (opt, original) in enumerate(zip(self.optimizers, self._original_groups)):

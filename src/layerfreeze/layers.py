@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .validation import check_choice
+
 __all__ = [
     "Layer",
     "unwrap_model",
@@ -109,8 +111,7 @@ def definition_order(model: nn.Module, unit: str = "leaf") -> list[Layer]:
         >>> [layer.name for layer in definition_order(net)]
         ['0', '2']
     """
-    if unit not in UNITS:
-        raise ValueError(f"unit must be one of 'leaf', 'owner', got {unit!r}")
+    unit = check_choice("unit", unit, UNITS)
     model = unwrap_model(model)
     names = parameter_names(model)
     found: list[tuple[str, nn.Module]] = []

@@ -6,9 +6,10 @@ everywhere. Python numbers and numpy scalars are accepted alike
 (``np.float32(0.5)``, ``np.int64(10)``, ``np.str_("step")``, ``np.bool_(True)``)
 and come back as plain ``float``, ``int``, ``str`` or ``bool``: what is stored
 from them (a checkpoint's state, say) holds plain Python types only and loads
-under ``torch.load(weights_only=True)``. Arrays and tensors, even of one
-element, are refused with a message naming the argument: a 2-element array
-is not a fraction, and a silent ``float(array)`` would hide the mistake.
+under ``torch.load(weights_only=True)``. A 0-d numpy array or tensor counts as
+the scalar it holds. Arrays and tensors with dimensions, even of one element,
+are refused with a message naming the argument: a 2-element array is not a
+fraction, and a silent ``float(array)`` would hide the mistake.
 
 Example:
     >>> import numpy as np
@@ -27,18 +28,34 @@ import numbers
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 
 __all__ = ["is_int", "is_real", "check_int", "check_number", "check_choice", "check_bool", "interval_text"]
 
 
 def is_int(value: object) -> bool:
-    """Whether ``value`` is an integer scalar (Python or numpy), not a bool."""
-    return isinstance(value, numbers.Integral) and not _is_bool(value)
+    """Whether ``value`` is an integer scalar (Python, numpy, 0-d array or tensor), not a bool."""
+    if isinstance(value, numbers.Integral):
+        return not _is_bool(value)
+    return _zero_dim_kind(value) == "i"
 
 
 def is_real(value: object) -> bool:
-    """Whether ``value`` is a real scalar (Python or numpy int or float), not a bool."""
-    return isinstance(value, numbers.Real) and not _is_bool(value)
+    """Whether ``value`` is a real scalar (Python, numpy, 0-d array or tensor; int or float), not a bool."""
+    if isinstance(value, numbers.Real):
+        return not _is_bool(value)
+    return _zero_dim_kind(value) in ("i", "f")
+
+
+def _zero_dim_kind(value: object) -> Optional[str]:
+    # "i" or "f" for a 0-d numpy array or tensor of integers or floats, else None.
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return {"i": "i", "u": "i", "f": "f"}.get(value.dtype.kind)
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:
+        if value.dtype.is_floating_point:
+            return "f"
+        return None if value.dtype == torch.bool else "i"
+    return None
 
 
 def _is_bool(value: object) -> bool:

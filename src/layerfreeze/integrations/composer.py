@@ -1,8 +1,9 @@
 """Composer: ``LayerFreezing`` as a Composer Algorithm, a drop-in that resumes.
 
 Replaces ``composer.algorithms.LayerFreezing`` (same arguments, same metric keys,
-same frozen layers at the same epoch ends) and, unlike it, checkpoints its state:
-Composer's returns ``{}`` and cannot resume (its issue #1002).
+same frozen layers at the same epoch ends, progress from ``state.timestamp`` in any
+``max_duration`` unit) and, unlike it, checkpoints its state: Composer's returns
+``{}`` and cannot resume (its issue #1002).
 
 Example:
     >>> from layerfreeze.integrations.composer import LayerFreezing
@@ -13,9 +14,11 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional
 
 from .. import algorithm as _algorithm
+from .. import distributed
 
 __all__ = ["LayerFreezing"]
 
@@ -29,29 +32,52 @@ except ImportError as error:  # pragma: no cover - exercised where composer is a
     ) from error
 
 
-def _total_steps(state: State) -> Optional[int]:
-    # Optimizer steps in the run; Composer's elapsed duration at an epoch end is
-    # epochs/max_epochs, which equals steps/total_steps for equal-length epochs.
+def _total_steps(state: State) -> int:
+    # Optimizer steps (Composer batches) in the run: exact for 'ba', and for 'ep' with a
+    # dataloader of known length; for samples, ceil(samples / batch size). Other units
+    # (tokens, ...) fix no step count up front: then the steps per epoch stand in. Only
+    # policies acting between decisions (FreezeOut's learning rates) read this count;
+    # the schedule itself follows Composer's elapsed duration.
     duration = state.max_duration
     if duration is None:
-        return None
+        raise ValueError("LayerFreezing needs the Trainer's max_duration, got None")
+    length = None if state.dataloader_len is None else int(state.dataloader_len.value)
+    value = int(duration.value)
     if duration.unit == TimeUnit.BATCH:
-        return int(duration.value)
-    if duration.unit == TimeUnit.EPOCH:
-        length = state.dataloader_len
-        return None if length is None else int(duration.value) * int(length)
-    raise ValueError(
-        f"max_duration must be in epochs ('ep') or batches ('ba') for LayerFreezing, got {duration}"
-    )
+        return max(value, 1)
+    if duration.unit == TimeUnit.EPOCH and length:
+        return max(value * length, 1)
+    batch_size = getattr(state.dataloader, "batch_size", None)
+    if duration.unit == TimeUnit.SAMPLE and isinstance(batch_size, int) and batch_size > 0:
+        return max(math.ceil(value / batch_size), 1)
+    return max(length or 1, 1)
+
+
+def _clock(state: State, event: Event) -> dict[str, Any]:
+    # The trainer's clock: batches (= optimizer steps) done and Composer's elapsed duration.
+    # In epochs, that duration moves only at epoch ends; between them (interval="step")
+    # batches / (epochs x batches per epoch) is finer and agrees with it at every epoch end.
+    steps = int(state.timestamp.batch.value)
+    elapsed = state.get_elapsed_duration()
+    duration = None if elapsed is None else float(elapsed)
+    length = None if state.dataloader_len is None else int(state.dataloader_len.value)
+    if event != Event.EPOCH_END and state.max_duration.unit == TimeUnit.EPOCH and length:
+        duration = steps / (int(state.max_duration.value) * length)
+    return {"steps_done": steps, "duration": duration}
 
 
 class LayerFreezing(Algorithm):
     """Progressive layer freezing for Composer's Trainer (see :class:`layerfreeze.LayerFreezing`).
 
     Runs at ``EPOCH_END`` as Composer's does (``interval="step"``: after every
-    batch). Its state travels in Composer checkpoints and is applied before the
-    optimizer state loads, so ``Trainer(load_path=...)`` resumes with the same
-    parameters frozen and the same param groups.
+    batch). Progress is Composer's own: ``state.timestamp`` and
+    ``state.get_elapsed_duration()``, in whatever unit ``max_duration`` has (``ep``,
+    ``ba``, ``sp``, ``tok``, ...), so freezing added to a resumed run, or an event
+    applied directly to a ``State``, freezes what the run's progress asks for. It
+    attaches at ``FIT_START``, or at the first event it sees. Its state travels in
+    Composer checkpoints and is applied before the optimizer state loads, so
+    ``Trainer(load_path=...)`` resumes with the same parameters frozen and the same
+    param groups.
 
     Args:
         freeze_start: fraction of training before freezing begins. Default 0.5.
@@ -69,28 +95,34 @@ class LayerFreezing(Algorithm):
 
     @property
     def find_unused_parameters(self) -> bool:
-        """Frozen parameters get no gradients: DDP must be told."""
-        return True
+        """Whether Composer must build DDP with ``find_unused_parameters=True``.
+
+        False where this torch lets :mod:`layerfreeze.distributed` rebuild DDP's
+        gradient reducer after each freeze (frozen parameters are then neither
+        waited for nor all-reduced, and no graph walk runs at every step); True only
+        where it cannot.
+        """
+        return distributed.torch_rebuild_unsupported_reason() is not None
 
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.FIT_START, Event.BATCH_END, Event.EPOCH_END)
 
     def apply(self, event: Event, state: State, logger: Any) -> None:
         self._state, self._logger = state, logger
+        if event == Event.INIT:  # kept for load_state_dict; optimizers may not exist yet
+            return
+        if not self._attached:  # FIT_START, or the first event applied to this State
+            self._attach(state)
+        clock = _clock(state, event)
         if event == Event.FIT_START:
-            total = _total_steps(state)
-            if total is None:
-                raise ValueError("LayerFreezing needs max_duration and a train dataloader with a length")
-            if not self._attached:
-                self._attach(state, total)
-            self.freezing.total_steps = total
+            self.freezing.sync(**clock)
         elif event == Event.BATCH_END:
-            self.freezing.step()
+            self.freezing.step(**clock)
         elif event == Event.EPOCH_END:
-            self.freezing.epoch_end()
+            self.freezing.epoch_end(int(state.timestamp.epoch.value), **clock)
 
-    def _attach(self, state: State, total_steps: int) -> None:
-        self.freezing.attach(state.model, list(state.optimizers), total_steps=total_steps)
+    def _attach(self, state: State) -> None:
+        self.freezing.attach(state.model, list(state.optimizers), total_steps=_total_steps(state))
         self._attached = True
 
     def _log(self, metrics: dict[str, float]) -> None:
@@ -108,13 +140,12 @@ class LayerFreezing(Algorithm):
         # sorted order), so attaching here re-forms the param groups in time.
         if "layerfreeze" not in state:
             log.warning(
-                "layerfreeze: this checkpoint holds no layer-freezing state (made with Composer's own "
-                "LayerFreezing?): nothing is frozen and the schedule counts steps from this point, as if "
-                "the run started here. HINT: resume from a checkpoint made with layerfreeze's LayerFreezing"
+                "layerfreeze: this checkpoint holds no layer-freezing state (made without layerfreeze's "
+                "LayerFreezing, or with Composer's own): nothing is frozen now, and freezing follows the "
+                "run's progress from its timestamp at the next decision. HINT: resume from a checkpoint "
+                "made with layerfreeze's LayerFreezing to restore the frozen set exactly"
             )
             return
-        saved = state["layerfreeze"]
-        self.freezing.load_state_dict(saved)
+        self.freezing.load_state_dict(state["layerfreeze"])
         if self._state is not None and not self._attached:
-            total = _total_steps(self._state) or saved.get("config", {}).get("total_steps")
-            self._attach(self._state, total)
+            self._attach(self._state)

@@ -22,12 +22,16 @@ except ImportError as error:  # pragma: no cover - exercised where lightning is 
 class LayerFreezingCallback(Callback):
     """Freeze the leading layers of the LightningModule as training goes on.
 
-    Progress comes from the trainer (``estimated_stepping_batches``, so ``max_epochs``
-    or ``max_steps``); decisions happen at epoch ends (``interval="epoch"``) or after
-    every optimizer step (``interval="step"``). The Composer metric keys are logged
-    through ``pl_module.log``. The state is saved in Lightning checkpoints and, on
-    ``trainer.fit(model, ckpt_path=...)``, applied before Lightning loads the
-    optimizer state, so the resumed run has the same param groups and frozen set.
+    Progress is the trainer's own: ``trainer.global_step`` (optimizer steps, so
+    gradient accumulation is counted right) out of ``estimated_stepping_batches``
+    (``max_epochs`` or ``max_steps``), and ``current_epoch`` at epoch ends; freezing
+    added to a run resumed from a checkpoint made without it follows the schedule
+    from the run's true progress. Decisions happen at epoch ends
+    (``interval="epoch"``) or after every optimizer step (``interval="step"``). The
+    Composer metric keys are logged through ``pl_module.log_dict``. The state is
+    saved in Lightning checkpoints and, on ``trainer.fit(model, ckpt_path=...)``,
+    applied before Lightning loads the optimizer state, so the resumed run has the
+    same param groups and frozen set.
 
     Args:
         freeze_start: fraction of training before freezing begins. Default 0.5.
@@ -40,14 +44,12 @@ class LayerFreezingCallback(Callback):
         self.freezing = _algorithm.LayerFreezing(freeze_start, freeze_level, log_fn=self._log, **options)
         self._module: Optional[LightningModule] = None
         self._attached = False
-        self._global_step = 0
 
     @property
     def state_key(self) -> str:
         return "LayerFreezingCallback"
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Optimizers exist now, and Lightning loads their state only after this hook.
+    def _attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Attach to the strategy's model: under DDP that is the wrapper, whose
         # gradient reducer must be rebuilt when the trainable set changes.
         if not self._attached:
@@ -55,18 +57,25 @@ class LayerFreezingCallback(Callback):
             self.freezing.attach(model, trainer.optimizers, total_steps=int(trainer.estimated_stepping_batches))
             self._attached = True
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Optimizers exist now, and Lightning loads their state only after this hook.
+        self._attach(trainer, pl_module)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._global_step = trainer.global_step  # after a resume: the restored count
+        self._attach(trainer, pl_module)
+        # The loop's counters are restored by now: a resumed run starts at its true step.
+        self.freezing.sync(trainer.global_step, epochs_done=trainer.current_epoch)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._attach(trainer, pl_module)
         self._module = pl_module
-        while self._global_step < trainer.global_step:  # no step on accumulating batches
-            self._global_step += 1
-            self.freezing.step()
+        self.freezing.step(trainer.global_step)  # the same count again: an accumulating batch, nothing to do
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._attach(trainer, pl_module)
         self._module = pl_module
-        self.freezing.epoch_end()
+        # current_epoch counts the epoch that is ending until Lightning's loop advances it.
+        self.freezing.epoch_end(trainer.current_epoch + 1, steps_done=trainer.global_step)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._module = None

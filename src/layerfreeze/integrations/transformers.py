@@ -8,10 +8,10 @@ Example:
 
 from __future__ import annotations
 
-import functools
-import math
+import inspect
+import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -19,31 +19,86 @@ from .. import algorithm as _algorithm
 
 __all__ = ["LayerFreezingCallback", "STATE_FILE"]
 
+log = logging.getLogger("layerfreeze")
+
 try:  # Transformers is optional: import it only when this module is used.
+    import transformers
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as error:  # pragma: no cover - exercised where transformers is absent
     raise ImportError("layerfreeze.integrations.transformers needs transformers: pip install transformers") from error
 
 #: The file holding the freezing state inside each ``checkpoint-N`` folder.
 STATE_FILE = "layerfreeze_state.pt"
+#: The transformers releases whose Trainer loads optimizer state as
+#: :func:`_before_optimizer_load` expects (checked by signature, not only by number).
+TESTED_VERSIONS = "4.40 to 5.24"
 
 
-def _steps_per_epoch(loader: Any, accumulation: int) -> Optional[int]:
-    # The Trainer's own count of optimizer steps per epoch (ceil, at least 1).
-    return max(math.ceil(len(loader) / accumulation), 1) if hasattr(loader, "__len__") else None
+def _firing_trainer(callback: TrainerCallback) -> Optional[Trainer]:
+    # A TrainerCallback event receives no Trainer, but Trainer.log (the one way to reach
+    # state.log_history and every report_to integration) and the resume hook below need
+    # it. The Trainer method that fires the event is on the call stack, bound as `self`.
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer) and callback in owner.callback_handler.callbacks:
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _before_optimizer_load(trainer: Trainer, hook: Callable[[str], None]) -> None:
+    """Run ``hook(checkpoint)`` right before ``trainer`` loads optimizer state from a checkpoint.
+
+    No Trainer event or public hook comes between the optimizer's creation and the
+    loading of its state, which must find the saved frozen set already out of the
+    param groups. The Trainer loads it in ``_load_optimizer_and_scheduler(checkpoint)``
+    (transformers 4.40 to 5.x); this wraps that method on ``trainer`` alone (no
+    class-wide patch), once.
+
+    Raises:
+        RuntimeError: when this transformers has no such method, naming the version.
+    """
+    method = getattr(type(trainer), "_load_optimizer_and_scheduler", None)
+    parameters = list(inspect.signature(method).parameters) if callable(method) else []
+    if parameters != ["self", "checkpoint"]:
+        raise RuntimeError(
+            f"layerfreeze's LayerFreezingCallback cannot resume frozen layers with transformers "
+            f"{transformers.__version__}: its Trainer has no _load_optimizer_and_scheduler(checkpoint) "
+            f"(tested with {TESTED_VERSIONS}). HINT: install a tested transformers release"
+        )
+    load = trainer._load_optimizer_and_scheduler
+    if getattr(load, "_layerfreeze_hooked", False):
+        return
+
+    def load_after_freezing(checkpoint: Optional[str]) -> None:
+        if checkpoint is not None:
+            hook(checkpoint)
+        return load(checkpoint)
+
+    load_after_freezing._layerfreeze_hooked = True  # type: ignore[attr-defined]
+    trainer._load_optimizer_and_scheduler = load_after_freezing
 
 
 class LayerFreezingCallback(TrainerCallback):
     """Freeze the leading layers of the Trainer's model as training goes on.
 
-    Progress is ``state.global_step / state.max_steps``; layers are frozen in the
-    Trainer's own optimizer, and the Composer metric keys go through ``Trainer.log``
-    (so to every ``report_to`` integration and ``state.log_history``). The state is
-    saved as ``layerfreeze_state.pt`` in each checkpoint folder. The Trainer loads
-    optimizer state before any callback event, so on ``trainer.train(
-    resume_from_checkpoint=...)`` this module applies the saved frozen set right
-    before the Trainer's ``_load_optimizer_and_scheduler`` (a wrapper around
-    ``Trainer._prepare_for_training``, a no-op for trainers without this callback).
+    Progress is the Trainer's own: ``state.global_step`` out of ``state.max_steps``,
+    an epoch ending at the step that completes it (``state.epoch`` reaching a whole
+    number), so freezing added to a run resumed from a checkpoint made without it
+    follows the schedule from the run's true progress. Layers are frozen in the
+    Trainer's own optimizer. The Composer metric keys go through ``Trainer.log`` (so
+    to every ``report_to`` integration and ``state.log_history``) in a row of their
+    own, at the Trainer's logging cadence (``logging_steps`` / ``should_log``) and at
+    each change of the frozen set; every row the Trainer logs without this callback
+    it still logs. The state is saved as ``layerfreeze_state.pt`` in each checkpoint
+    folder; on ``trainer.train(resume_from_checkpoint=...)`` it is applied right
+    before the Trainer loads the optimizer state (see :func:`_before_optimizer_load`),
+    which needs the callback passed to ``Trainer(callbacks=[...])``.
 
     Args:
         freeze_start: fraction of training before freezing begins. Default 0.5.
@@ -53,75 +108,85 @@ class LayerFreezingCallback(TrainerCallback):
     """
 
     def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0, **options: Any):
-        _install()
-        self.freezing = _algorithm.LayerFreezing(freeze_start, freeze_level, log_fn=self._log, **options)
+        self.freezing = _algorithm.LayerFreezing(freeze_start, freeze_level, **options)
         self._trainer: Optional[Trainer] = None
         self._attached = False
-        self._global_step = 0
+        self._logged_depth = 0  # the depth in the last row this callback logged
+        self._logged_step = -1  # and the step it was logged at
+        self._log_pending = False  # log after the Trainer's row of this step
+        self._logging = False
 
-    def _attach(self, trainer: Trainer, loader: Any) -> None:
-        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
-        steps = _steps_per_epoch(loader, trainer.args.gradient_accumulation_steps)
-        self.freezing.attach(trainer.model, optimizer, total_steps=trainer.state.max_steps, steps_per_epoch=steps)
-        self._attached = True
+    # -- binding ------------------------------------------------------------
+    def _bind(self) -> Optional[Trainer]:
+        if self._trainer is None:
+            self._trainer = _firing_trainer(self)
+            if self._trainer is not None:
+                _before_optimizer_load(self._trainer, self._load_checkpoint)
+        return self._trainer
 
-    def _before_optimizer_load(self, trainer: Trainer, loader: Any, checkpoint: Optional[str]) -> None:
-        path = os.path.join(checkpoint, STATE_FILE) if checkpoint else None
-        if path is not None and os.path.isfile(path):
-            self.freezing.load_state_dict(torch.load(path, weights_only=True))
-            if not self._attached:
-                self._attach(trainer, loader)
-
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+    def _attach(self, trainer: Trainer) -> None:
         if not self._attached:
-            self._attach(self._trainer, train_dataloader)
-        self._global_step = state.global_step
+            optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
+            self.freezing.attach(trainer.model, optimizer, total_steps=trainer.state.max_steps)
+            self._attached = True
+            self._logged_depth = self.freezing.frozen_depth
+
+    def _load_checkpoint(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, STATE_FILE)
+        if os.path.isfile(path):
+            self.freezing.load_state_dict(torch.load(path, weights_only=True))
+            self._attach(self._trainer)
+
+    # -- events -------------------------------------------------------------
+    def on_init_end(self, args, state, control, **kwargs):
+        self._bind()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        bound_before = self._trainer is not None
+        trainer = self._bind()
+        if trainer is None:
+            raise RuntimeError("LayerFreezingCallback must be used by a transformers.Trainer")
+        if not bound_before and state.global_step > 0:
+            log.warning(
+                "layerfreeze: LayerFreezingCallback was added after the Trainer was built, so a "
+                "checkpoint's frozen set could not be applied before the optimizer state loaded. "
+                "HINT: pass it as Trainer(callbacks=[LayerFreezingCallback(...)])"
+            )
+        self._attach(trainer)
+        self.freezing.sync(state.global_step, epochs_done=int(state.epoch or 0))
 
     def on_step_end(self, args, state, control, **kwargs):
-        while self._global_step < state.global_step:
-            self._global_step += 1
-            self.freezing.step()
+        self._attach(self._bind())
+        self.freezing.step(state.global_step)
+        if state.epoch is not None and float(state.epoch).is_integer():  # this step completed an epoch
+            self.freezing.epoch_end(int(state.epoch))
+        if control.should_log:
+            # The Trainer logs this step after the hook; a row logged now would clear its
+            # flag and the Trainer's own row (loss, learning rate) would be lost.
+            self._log_pending = True
+        elif self.freezing.frozen_depth != self._logged_depth:
+            self._log(state.global_step)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.freezing.steps_per_epoch is None:  # else the step count marks epoch ends
-            self.freezing.epoch_end()
+        if control.should_log:  # logging_strategy="epoch"
+            self._log_pending = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._log_pending and not self._logging:
+            self._log_pending = False
+            if (state.global_step, self.freezing.frozen_depth) != (self._logged_step, self._logged_depth):
+                self._log(state.global_step)  # once a step: a change may have been logged already
 
     def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(self._trainer._get_output_dir(None), f"checkpoint-{state.global_step}")
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if state.is_world_process_zero and self._attached and os.path.isdir(folder):
             torch.save(self.freezing.state_dict(), os.path.join(folder, STATE_FILE))
 
-    def _log(self, metrics: dict[str, float]) -> None:
-        self._trainer.log({key: float(value) for key, value in metrics.items()})
-
-
-def _install() -> None:
-    """Wrap ``Trainer._prepare_for_training`` once so that, for trainers holding a
-    LayerFreezingCallback, the saved frozen set is applied between the optimizer's
-    creation and the loading of its state (which needs the frozen param groups)."""
-    if getattr(Trainer._prepare_for_training, "_layerfreeze", False):
-        return
-    original = Trainer._prepare_for_training
-
-    @functools.wraps(original)
-    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
-        ours = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LayerFreezingCallback)]
-        for callback in ours:
-            callback._trainer = self
-        if not ours or resume_from_checkpoint is None:
-            return original(self, max_steps, train_dataloader, resume_from_checkpoint)
-        load = self._load_optimizer_and_scheduler
-
-        def load_after_freezing(checkpoint):
-            for callback in ours:
-                callback._before_optimizer_load(self, train_dataloader, checkpoint)
-            return load(checkpoint)
-
-        self._load_optimizer_and_scheduler = load_after_freezing
+    def _log(self, step: int) -> None:
+        metrics = self.freezing.metrics
+        self._logged_depth, self._logged_step = self.freezing.frozen_depth, step
+        self._logging = True
         try:
-            return original(self, max_steps, train_dataloader, resume_from_checkpoint)
+            self._trainer.log({key: float(value) for key, value in metrics.items()})
         finally:
-            del self._load_optimizer_and_scheduler
-
-    _prepare_for_training._layerfreeze = True
-    Trainer._prepare_for_training = _prepare_for_training
+            self._logging = False

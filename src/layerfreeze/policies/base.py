@@ -117,7 +117,9 @@ class Policy:
         """Check every field of ``state`` (from :meth:`state_dict`) without changing anything.
 
         Returns what :meth:`apply_state` takes. Raises ``ValueError`` naming the bad
-        field by its path from ``path`` (``policy.previous``, say).
+        field by its path from ``path`` (``policy.previous``, say). May be called
+        before :meth:`bind` (a state loaded before ``attach`` is checked at once), so
+        it must not need the context.
         """
         return dict(field_mapping(state, path, source=type(self).__name__))
 

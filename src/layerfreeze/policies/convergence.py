@@ -260,6 +260,16 @@ class Convergence(Policy):
     def release(self) -> None:
         self._stop_capture()
 
+    def hints(self, context: Context) -> list[str]:
+        # The first probe is the reference; the first comparison comes at the second.
+        if context.total_steps is not None and 2 * self.every > context.total_steps:
+            return [
+                f"Convergence(every={self.every}) compares its first two probes at step {2 * self.every}, but "
+                f"the run has {context.total_steps} steps: nothing will freeze. HINT: pass every <= "
+                f"{context.total_steps // 2}"
+            ]
+        return []
+
     def _measure(self, depth: int, context: Optional[Context] = None,
                  probe: Optional[tuple[tuple, dict]] = None) -> dict[str, Optional[torch.Tensor]]:
         """Centred Gram of each trainable layer's output on the probe; None if unmeasured."""

@@ -144,6 +144,16 @@ class GradientChange(Policy):
             handle.remove()
         self._handles.clear()
 
+    def hints(self, context: Context) -> list[str]:
+        # The first comparison needs two whole windows.
+        if context.total_steps is not None and 2 * self.every > context.total_steps:
+            return [
+                f"GradientChange(every={self.every}) compares two windows of {self.every} steps before its first "
+                f"decision, at step {2 * self.every}, but the run has {context.total_steps} steps: nothing will "
+                f"freeze. HINT: pass every <= {context.total_steps // 2}"
+            ]
+        return []
+
     def _sync_order(self) -> Any:
         # The layers list is replaced, never edited, when the execution order is
         # resolved; then the per-optimizer plans are rebuilt and a window's sums
