@@ -370,15 +370,49 @@ def test_bad_arguments_name_the_argument_and_install_nothing():
     EncoderCache(model).remove()
 
 
-def test_readme_caching_example_runs(capsys):
+def _readme_blocks() -> list[str]:
     import pathlib
     import re
 
     text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = text.split("## Caching a fine-tuned encoder\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_readme_caching_example_runs(capsys):
     namespace: dict = {}
-    exec(compile(re.findall(r"```python\n(.*?)```", section, re.S)[0], "README.md", "exec"), namespace)
+    exec(compile(_readme_blocks()[0], "README.md", "exec"), namespace)
     cache = namespace["cache"]
+    # Frozen before the first step: epoch 1 computes all 64 examples, epochs 2 and 3 read them.
     assert (cache.cut, cache.misses, cache.hits, cache.advanced, len(cache)) == (4, 64, 128, 0, 64)
     assert cache.bytes_per_example == 16 * 32 * 4
     assert "'hits': 128" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_readme_trainer_caching_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    blocks = _readme_blocks()
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    exec(compile(blocks[1], "README.md", "exec"), namespace)
+    callback, trainer = namespace["callback"], namespace["trainer"]
+    cache = callback.cache
+    # FixedDepth(start=0) freezes at the first decision, after step 1: steps 2-4 compute
+    # 48 examples; in epoch 2 the 16 of step 1 are computed apart (prefix-only passes)
+    # and the other 48 served; epoch 3 serves all 64.
+    assert (cache.cut, cache.misses, cache.hits, len(cache)) == (4, 64, 112, 64)
+    assert cache.examples == 64 and callback.freezing.dropout == "eval"
+    assert not any(m.training for m in trainer.model.bert.encoder.layer[2].modules())
+    assert "'hits': 112" in capsys.readouterr().out
+
+
+def test_trainer_callback_cache_arguments_are_checked():
+    from layerfreeze.integrations.transformers import LayerFreezingCallback
+
+    with pytest.raises(ValueError, match=r"cache needs the frozen prefix in eval mode, got dropout='train'.*HINT"):
+        LayerFreezingCallback(cache=True, dropout="train")
+    with pytest.raises(ValueError, match="cache must be a bool or a dict of EncoderCache arguments, got str"):
+        LayerFreezingCallback(cache="yes")
+    assert LayerFreezingCallback(cache={"max_bytes": 1 << 20}).freezing.dropout == "eval"
+    assert LayerFreezingCallback().freezing.dropout == "train"
