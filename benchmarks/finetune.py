@@ -258,6 +258,10 @@ def _ci95(values: Sequence[float]) -> float:
     return float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
 
 
+HEADER = ["variant", "seeds", "speedup (wall)", "speedup (cpu)", "accuracy % (95% CI)",
+          "Δ accuracy vs none (paired)", "frozen stages by epoch"]
+
+
 def summarize(records: list[dict[str, Any]], names: list[str]) -> list[list[str]]:
     base = {r["seed"]: r for r in records if r["variant"] == "none"}
     rows = []
@@ -295,7 +299,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--phases", action="store_true", help="measure where a step's time goes instead")
     parser.add_argument("--phase-blocks", type=int, nargs="+", default=[2, 3, 4, 5])
     parser.add_argument("--phase-repeats", type=int, default=7)
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="print the table of runs saved by earlier --json runs (for example one per seed)")
     args = parser.parse_args(argv)
+    if args.merge:
+        records = [r for path in args.merge for r in json.loads(Path(path).read_text())["runs"]]
+        if len({(r["variant"], r["seed"]) for r in records}) != len(records):
+            raise SystemExit("--merge: a variant runs twice with one seed; merge runs of distinct seeds")
+        names = list(dict.fromkeys(r["variant"] for r in records))
+        print(table(HEADER, summarize(records, names)))
+        return
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     variants = [parse_variant(v) for v in names]
     if "none" not in names:
@@ -315,21 +328,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"snippets (test {args.test_size}), length {args.max_length}, batch {args.batch}, {args.epochs} epochs, "
           f"AdamW lr {args.lr:g}, {args.warmup:g} warm-up then linear decay; mean-pooling head", flush=True)
     records = []
-    for k, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds)):
-        shift = k % len(variants)
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        shift = seed % len(variants)  # the order rotates with the seed, also across separate runs
         for variant in variants[shift:] + variants[:shift]:
             record = run(variant, data, args, seed)
             records.append(record)
             extra = f", cache {record['cache']}" if "cache" in record else ""
             print(f"seed {seed} {record['variant']}: {record['wall_s']:.1f} s wall, {record['cpu_s']:.1f} s cpu, "
                   f"accuracy {record['accuracy']:.3f}{extra}", flush=True)
-    header = ["variant", "seeds", "speedup (wall)", "speedup (cpu)", "accuracy % (95% CI)",
-              "Δ accuracy vs none (paired)", "frozen stages by epoch"]
     rows = summarize(records, names)
     print()
-    print(table(header, rows))
+    print(table(HEADER, rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": records, "table": [header, *rows]}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": records, "table": [HEADER, *rows]}, indent=1))
 
 
 if __name__ == "__main__":
