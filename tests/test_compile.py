@@ -263,6 +263,20 @@ def test_example_inputs_are_traced_and_counted_eagerly_on_a_model_compiled_in_pl
     assert counter.frame_count == 0 and hooks_left(model) == 0
 
 
+def test_convergence_probe_passes_spend_no_graphs_of_a_model_compiled_in_place():
+    # The probe pass (eval mode, no_grad, hooks of its own) runs eagerly: compiled, it would
+    # cost dynamo a graph per probe and frozen set, out of recompile_limit.
+    model = Reordered()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # outputs never change: every layer converges
+    policy = lf.policies.Convergence(metric="cka", threshold=0.5, every=2, probe=torch.randn(6, 4))
+    freezing = lf.LayerFreezing(policy=policy, interval="step").attach(model, opt, total_steps=12)
+    counter = CompileCounter()
+    model.compile(backend=counter)
+    depths = train(model, opt, freezing, model, steps=12)
+    assert depths == [0] * 4 + [4] * 8
+    assert counter.frame_count == 2
+
+
 class RunCounter:
     """A dynamo backend counting the graphs it compiles and the forward passes they run."""
 

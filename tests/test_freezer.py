@@ -312,3 +312,15 @@ def test_a_copy_of_a_pinned_model_trains_normally_until_a_freezer_pins_it_again(
         assert bn.training
     model.train()
     assert not model.features[1].training
+
+
+def test_a_group_added_after_construction_gets_its_parameters_back_on_unfreeze():
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model[2:].parameters(), lr=0.1)
+    freezer = Freezer(model, [opt], definition_order(model))
+    opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.01})  # after construction
+    freezer.apply(1)
+    assert [len(g["params"]) for g in opt.param_groups] == [4, 0]
+    freezer.apply(0)
+    assert opt.param_groups[1]["params"] == [model[0].weight, model[0].bias]
+    assert opt.param_groups[1]["lr"] == 0.01

@@ -25,10 +25,9 @@ from torch import nn
 from . import distributed, hints, recompiles
 from .freezer import BATCHNORM_MODES, DROPOUT_MODES, SHARED_RULES, Freezer, validate_model, validate_optimizers
 from .gradient_bridge import GradientBridge
-from .hints import summarize
 from .layers import UNITS, ExecutionTracer, Layer, definition_order, execution_order, layer_flops
 from .policies import Context, Linear, Policy, Progress
-from .state import FreezingState
+from .state import FreezingState, check_against_model
 from .validation import check_choice, check_int, is_int, is_real
 
 __all__ = ["LayerFreezing", "LAYERS_FROZEN", "PERCENTAGE_FROZEN", "PARAMS_FROZEN"]
@@ -504,7 +503,8 @@ class LayerFreezing:
 
     def _load(self, state: FreezingState) -> None:
         # Checks first, against this model and policy; then the changes, none of which can fail.
-        layers = self._check_against_model(state)
+        layers = check_against_model(state, self._freezer.model, unit=self.unit, shared=self.shared,
+                                     order=self.order, names_for_depth=self._freezer.names_for_depth)
         policy_state = self.policy.check_state(state.policy, "state_dict.policy")
         settings = self._settings()
         hints.warn_other_settings(
@@ -523,48 +523,6 @@ class LayerFreezing:
         self._step, self._epoch = state.step, state.epoch
         self._fraction, self._changes = state.fraction, state.changes
         distributed.on_trainable_change(self._wrapper)
-
-    def _check_against_model(self, state: FreezingState) -> list[Layer]:
-        """The saved layers of this model, in the saved order, after checking the state fits it."""
-        for key in ("unit", "shared"):
-            saved = state.config.get(key)
-            if saved is not None and saved != getattr(self, key):
-                raise ValueError(
-                    f"state_dict was saved with {key}={saved!r} but this LayerFreezing has "
-                    f"{key}={getattr(self, key)!r}; construct it with the checkpoint's settings"
-                )
-        definition = definition_order(self._freezer.model, self.unit)
-        by_name = {layer.name: layer for layer in definition}
-        missing = [name for name in state.layers if name not in by_name]
-        extra = sorted(set(by_name) - set(state.layers))
-        if missing or extra or len(state.layers) != len(by_name):
-            detail = f"it names layer {missing[0]!r}, which this model lacks" if missing else (
-                f"this model has layer(s) it does not name: {summarize(extra)}")
-            raise ValueError(f"state_dict does not match this model: {detail}")
-        if self.order == "definition" and list(state.layers) != [layer.name for layer in definition]:
-            raise ValueError(
-                "state_dict lists the layers in another order than this model's definition order "
-                f"(saved with order={state.config.get('order', '?')!r}?); construct LayerFreezing with the "
-                "checkpoint's order"
-            )
-        unknown = sorted(set(state.frozen) - set(dict(self._freezer.model.named_parameters())))
-        if unknown:
-            raise ValueError(
-                f"state_dict does not match this model: it freezes parameter {unknown[0]!r}, "
-                "which this model lacks"
-            )
-        depth = state.depth
-        if not 0 <= depth <= max(len(by_name) - 1, 0):
-            raise ValueError(f"state_dict does not match this model: depth {depth} with {len(by_name)} layers")
-        layers = [by_name[name] for name in state.layers]
-        expected = self._freezer.names_for_depth(depth, layers)
-        frozen = set(state.frozen)
-        if frozen != expected:
-            raise ValueError(
-                f"state_dict is inconsistent: depth {depth} freezes {len(expected)} parameter(s) of "
-                f"these layers, but it lists {len(frozen)} ({summarize(sorted(frozen ^ expected))} differ)"
-            )
-        return layers
 
     # -- internals ---------------------------------------------------------
     def _require_attached(self, what: str) -> None:

@@ -20,6 +20,8 @@ from torch import nn
 
 from . import distributed
 from .layers import Layer, iter_unique, parameter_names, unwrap_model
+from .optimizers import check_references, group_pairs, set_group
+from .optimizers import sync as sync_optimizer
 
 __all__ = ["Freezer", "freeze_parameters", "names_for_depth", "BATCHNORM_MODES", "DROPOUT_MODES", "SHARED_RULES"]
 
@@ -71,7 +73,7 @@ def freeze_parameters(params: Iterable[nn.Parameter], optimizers: Sequence[torch
 
     Runs one pass over each param group whatever the number of parameters, so a
     freeze change on a model with thousands of layers stays cheap. Optimizers that
-    keep parameters outside their groups follow (see :func:`sync_optimizer`).
+    keep parameters outside their groups follow (:func:`layerfreeze.optimizers.sync`).
     """
     params = list(params)
     if not params:
@@ -87,100 +89,12 @@ def freeze_parameters(params: Iterable[nn.Parameter], optimizers: Sequence[torch
         changed = False
         for group in optimizer.param_groups:
             if any(id(q) in ids for q in group["params"]):
-                _set_group(group, [(q, n) for q, n in _pairs(group) if id(q) not in ids])
+                set_group(group, [(q, n) for q, n in group_pairs(group) if id(q) not in ids])
                 changed = True
         for p in params:
             optimizer.state.pop(p, None)
         if changed:
             sync_optimizer(optimizer)
-
-
-def _pairs(group: dict[str, Any]) -> list[tuple[nn.Parameter, Optional[str]]]:
-    params, names = group["params"], group.get("param_names")
-    if names is None or len(names) != len(params):
-        return [(p, None) for p in params]
-    return list(zip(params, names))
-
-
-def _set_group(group: dict[str, Any], pairs: Sequence[tuple[nn.Parameter, Optional[str]]]) -> None:
-    # In place: anything holding the group's list (LBFGS's _params, a wrapper that
-    # shares it) sees the change. torch's own ``param_names`` (optimizers built from
-    # named_parameters()) move in step, so state_dict() names the right parameters.
-    params = [p for p, _ in pairs]
-    if isinstance(group["params"], list):
-        group["params"][:] = params
-    else:
-        group["params"] = params
-    names = [n for _, n in pairs]
-    if "param_names" in group and None not in names:
-        if isinstance(group["param_names"], list):
-            group["param_names"][:] = names
-        else:
-            group["param_names"] = names
-
-
-def sync_optimizer(optimizer: torch.optim.Optimizer, thawed: Sequence[nn.Parameter] = ()) -> None:
-    """Bring what ``optimizer`` keeps outside its param groups in line with them.
-
-    Called after each change of its groups. LBFGS keeps its parameter list and
-    the size of their flat concatenation, and its history (directions, steps,
-    previous gradient) lives as flat vectors over all its parameters under the
-    first one: a new parameter set invalidates all of it, so LBFGS restarts, as
-    at its first step. Adagrad builds its state at construction on torch before
-    2.13 and reads it unconditionally at each step: ``thawed`` parameters get the
-    state its constructor gives. ZeroRedundancyOptimizer follows in
-    :func:`layerfreeze.distributed.sync_zero`.
-    """
-    if isinstance(optimizer, torch.optim.Adagrad):
-        _init_adagrad_state(optimizer, thawed)
-    if isinstance(optimizer, torch.optim.SGD):
-        _fill_fused_momentum(optimizer)
-    if isinstance(getattr(optimizer, "ordered_param_keys", None), list) and isinstance(
-        getattr(optimizer, "named_parameters", None), dict
-    ):
-        # torch.distributed.optim._NamedOptimizer names its state by position in this list.
-        names = {id(p): name for name, p in optimizer.named_parameters.items()}
-        optimizer.ordered_param_keys[:] = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    if isinstance(optimizer, torch.optim.LBFGS):
-        optimizer._params = optimizer.param_groups[0]["params"]
-        optimizer._numel_cache = None
-        optimizer.state.clear()
-    distributed.sync_zero(optimizer)
-
-
-def _init_adagrad_state(optimizer: torch.optim.Adagrad, thawed: Sequence[nn.Parameter]) -> None:
-    ids = {id(p) for p in thawed}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in ids or optimizer.state.get(p):
-                continue
-            init = optimizer.defaults["initial_accumulator_value"]
-            state = optimizer.state[p]
-            # As Adagrad does: the step on the parameter's device when fused, in float32 unless
-            # the default dtype is float64 (torch.optim.optimizer._get_scalar_dtype).
-            fused = bool(group.get("fused"))
-            dtype = torch.float64 if not fused and torch.get_default_dtype() == torch.float64 else torch.float32
-            state["step"] = (torch.zeros((), dtype=dtype, device=p.device) if fused
-                             else torch.tensor(0.0, dtype=dtype))
-            state["sum"] = torch.full_like(p, complex(init, init) if torch.is_complex(p) else init,
-                                           memory_format=torch.preserve_format)
-
-
-def _fill_fused_momentum(optimizer: torch.optim.SGD) -> None:
-    # Fused SGD treats a group's momentum buffers all-or-nothing: a parameter
-    # thawed back into a group whose others have buffers makes its kernel fail
-    # ("expected Tensor ... but got NoneType"). A zero buffer gives the first
-    # step torch's own first-step result (buffer = gradient) exactly when
-    # dampening is 0, the default; with dampening d the thawed parameter's first
-    # step takes (1 - d) of its gradient, as every later step does.
-    for group in optimizer.param_groups:
-        if not group.get("fused") or not group.get("momentum"):
-            continue
-        buffers = [optimizer.state.get(p, {}).get("momentum_buffer") for p in group["params"]]
-        if any(b is None for b in buffers) and any(b is not None for b in buffers):
-            for p, buffer in zip(group["params"], buffers):
-                if buffer is None:
-                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 class _EvalPin:
@@ -292,7 +206,7 @@ class Freezer:
         # Original order of every group (with torch's param_names, where the
         # optimizer was built from named_parameters()), to put unfrozen parameters
         # back in place.
-        self._original_groups = [[_pairs(g) for g in opt.param_groups] for opt in self.optimizers]
+        self._original_groups = [[group_pairs(g) for g in opt.param_groups] for opt in self.optimizers]
         for opt in self.optimizers:
             distributed.remember_partition(opt)
         self._frozen: set[str] = set()
@@ -344,6 +258,7 @@ class Freezer:
         unknown = sorted(target - self._by_name.keys())
         if unknown:
             raise KeyError(f"no parameter named {unknown[0]!r} in the model")
+        self._note_new_groups()
         to_freeze = [self._by_name[n] for n in sorted(target - self._frozen)]
         to_thaw = [n for n in sorted(self._frozen - target)]
         changed = bool(to_freeze or to_thaw) or depth != self.depth
@@ -359,6 +274,12 @@ class Freezer:
         self._update_attention()
         return changed
 
+    def _note_new_groups(self) -> None:
+        # Groups added since construction (optimizer.add_param_group, as fine-tuning
+        # recipes do) hold no frozen parameter yet: their order now is their original.
+        for opt, original_groups in zip(self.optimizers, self._original_groups):
+            original_groups.extend(group_pairs(g) for g in opt.param_groups[len(original_groups):])
+
     def _thaw(self, names: Sequence[str]) -> None:
         params = [self._by_name[n] for n in names]
         for name, p in zip(names, params):
@@ -372,8 +293,8 @@ class Freezer:
                 present = {id(p) for p in group["params"]} | ids
                 known = {id(p) for p, _ in original}
                 in_order = [(p, n) for p, n in original if id(p) in present]
-                extra = [(p, n) for p, n in _pairs(group) if id(p) not in known]
-                _set_group(group, in_order + extra)
+                extra = [(p, n) for p, n in group_pairs(group) if id(p) not in known]
+                set_group(group, in_order + extra)
                 changed = True
             if changed:
                 sync_optimizer(opt, params)
@@ -464,8 +385,11 @@ def validate_optimizers(model: nn.Module, optimizers: object) -> list[torch.opti
     """Return ``optimizers`` as a list after checking each trains part of ``model``.
 
     Raises:
-        TypeError: for anything but an optimizer or a non-empty sequence of them.
-        ValueError: for an optimizer holding none of the model's parameters.
+        TypeError: for anything but an optimizer or a non-empty sequence of them,
+            and for DeepSpeed's optimizer wrappers.
+        ValueError: for an optimizer holding none of the model's parameters,
+            ``ZeroRedundancyOptimizer(overlap_with_ddp=True)``, or a wrapper whose
+            inner optimizer has param groups of its own.
     """
     for index, optimizer in enumerate(optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]):
         distributed.check_optimizer(optimizer, index)
@@ -490,47 +414,18 @@ def validate_optimizers(model: nn.Module, optimizers: object) -> list[torch.opti
                 f"optimizers[{index}] ({type(optimizer).__name__}) holds none of the model's "
                 "parameters; pass the optimizer that trains this model"
             )
-        _check_references(optimizer, index, model_ids)
+        check_references(optimizer, index, model_ids)
     return optimizer_list
 
 
-def _check_references(optimizer: torch.optim.Optimizer, index: int, model_ids: set[int]) -> None:
-    # Freezing edits the groups of the optimizer it is given. A wrapper whose inner
-    # optimizer has groups of its own (not the same list) would keep training
-    # frozen parameters; ZeroRedundancyOptimizer is such a wrapper and is followed
-    # (distributed.sync_zero). Wrappers that share their inner optimizer's groups
-    # (Lightning's LightningOptimizer, PostLocalSGDOptimizer, accelerate's) are fine.
-    if distributed.is_zero(optimizer):
-        return
-    groups = optimizer.param_groups
-    group_lists = {id(g["params"]) for g in groups}
-    for attribute, value in vars(optimizer).items():
-        if isinstance(value, torch.optim.Optimizer) and value is not optimizer:
-            if value.param_groups is not groups and any(
-                id(p) in model_ids for g in value.param_groups for p in g["params"]
-            ):
-                raise ValueError(
-                    f"optimizers[{index}] ({type(optimizer).__name__}) wraps another optimizer "
-                    f"(.{attribute}, {type(value).__name__}) with param groups of its own; freezing edits "
-                    "the groups of the optimizer it is given, so the inner one would keep updating frozen "
-                    f"parameters. HINT: pass the inner optimizer (optimizer.{attribute}) to LayerFreezing, "
-                    "or make the wrapper share its param_groups list"
-                )
-        elif (
-            isinstance(value, (list, tuple)) and id(value) not in group_lists
-            and any(isinstance(v, torch.Tensor) and id(v) in model_ids for v in value)
-        ):
-            log.warning(
-                "layerfreeze: optimizers[%d] (%s) keeps parameters in .%s besides its param groups; "
-                "freezing removes parameters from the groups only, so if it updates from .%s, frozen "
-                "weights may still move. HINT: have the optimizer read its parameters from param_groups at "
-                "each step, as torch's optimizers do",
-                index, type(optimizer).__name__, attribute, attribute,
-            )
-
-
 def validate_model(model: object) -> nn.Module:
-    """Check ``model`` is a module with at least one parameter; return it unwrapped."""
+    """Check ``model`` is a module with at least one parameter; return it unwrapped.
+
+    Raises:
+        TypeError: for anything but an ``nn.Module``.
+        ValueError: for a model without parameters, a DeepSpeed engine or a model
+            whose parameters DeepSpeed ZeRO-3 partitions.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     distributed.check_deepspeed(model)

@@ -212,7 +212,7 @@ class ExecutionTracer:
         if not self.done and self._call is not None:
             args, kwargs = self._call
             try:
-                with _eager(), _side_effect_free(model):
+                with _side_effect_free(model):
                     model(*args, **kwargs)
             except Exception as error:
                 raise RuntimeError(
@@ -264,14 +264,17 @@ class ExecutionTracer:
 
 @contextlib.contextmanager
 def _side_effect_free(model: nn.Module) -> Iterator[None]:
-    """Run a measuring forward pass under ``no_grad`` and put every buffer back after it.
+    """Run a measuring forward pass eagerly, under ``no_grad``, and put every buffer back after it.
 
     BatchNorm in train mode updates its running statistics on any forward; a
-    trace or a FLOP count must leave the model exactly as it found it.
+    trace or a FLOP count must leave the model exactly as it found it. Eagerly
+    (see :func:`_eager`), also where the model is compiled in place: the pass
+    must see its hooks run, and must not spend compiled graphs of the model
+    (dynamo would compile one for each set of hooks it meets).
     """
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        with torch.no_grad():
+        with _eager(), torch.no_grad():
             yield
     finally:
         with torch.no_grad():
@@ -290,7 +293,7 @@ def execution_order(model: nn.Module, run: Callable[[nn.Module], Any], unit: str
     layers = definition_order(model, unit)
     tracer = ExecutionTracer(model, layers)
     try:
-        with _eager(), _side_effect_free(model):
+        with _side_effect_free(model):
             run(model)
     finally:
         tracer.remove()
@@ -330,7 +333,7 @@ def layer_flops(model: nn.Module, layers: Sequence[Layer], run: Callable[[nn.Mod
         handles.append(layer.module.register_forward_pre_hook(pre))
         handles.append(layer.module.register_forward_hook(post))
     try:
-        with _eager(), _side_effect_free(model):
+        with _side_effect_free(model):
             run(model)
     finally:
         # A forward that raised inside a layer never reached its post-hook: leave
@@ -347,7 +350,7 @@ def total_flops(model: nn.Module, run: Callable[[nn.Module], Any]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = unwrap_model(model)
-    with _eager(), _side_effect_free(model), FlopCounterMode(display=False) as mode:
+    with _side_effect_free(model), FlopCounterMode(display=False) as mode:
         run(model)
     return mode.get_total_flops()
 

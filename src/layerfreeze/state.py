@@ -4,7 +4,7 @@
 counters, the layer order and the frozen parameters by qualified name, the
 policy's own state and the settings it was made with. :meth:`FreezingState.from_dict`
 checks every field (types and ranges) before anything is applied, so a refused
-state changes nothing; the checks against the model come after, in the algorithm.
+state changes nothing; :func:`check_against_model` then checks it fits the model.
 
 The ``field_*`` helpers are shared with the policies' ``check_state``: each error
 names the field by its path from the checkpoint's root, ``state_dict.policy.previous``
@@ -27,11 +27,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
+from torch import nn
+
+from .hints import summarize
+from .layers import Layer, definition_order
 from .validation import is_int, is_real
 
 __all__ = [
     "FORMAT",
     "FreezingState",
+    "check_against_model",
     "field_mapping",
     "field_count",
     "field_real",
@@ -179,3 +184,64 @@ class FreezingState:
             policy=field_mapping(state["policy"], f"{path}.policy"),
             config=dict(config),
         )
+
+
+def check_against_model(
+    state: FreezingState,
+    model: nn.Module,
+    *,
+    unit: str,
+    shared: str,
+    order: str,
+    names_for_depth: Callable[[int, Sequence[Layer]], set[str]],
+) -> list[Layer]:
+    """Check that ``state`` fits ``model`` and these settings; return its layers in the saved order.
+
+    ``names_for_depth(depth, layers)`` is the freezer's rule: the saved frozen set
+    must be exactly what the saved depth freezes on this model.
+
+    Raises:
+        ValueError: for a state of another model (a layer or parameter it lacks, a
+            layer it does not name, another layer order) or other ``unit``/``shared``
+            settings, or a frozen set that the depth does not give.
+    """
+    settings = {"unit": unit, "shared": shared}
+    for key, value in settings.items():
+        saved = state.config.get(key)
+        if saved is not None and saved != value:
+            raise ValueError(
+                f"state_dict was saved with {key}={saved!r} but this LayerFreezing has "
+                f"{key}={value!r}; construct it with the checkpoint's settings"
+            )
+    definition = definition_order(model, unit)
+    by_name = {layer.name: layer for layer in definition}
+    missing = [name for name in state.layers if name not in by_name]
+    extra = sorted(set(by_name) - set(state.layers))
+    if missing or extra or len(state.layers) != len(by_name):
+        detail = f"it names layer {missing[0]!r}, which this model lacks" if missing else (
+            f"this model has layer(s) it does not name: {summarize(extra)}")
+        raise ValueError(f"state_dict does not match this model: {detail}")
+    if order == "definition" and list(state.layers) != [layer.name for layer in definition]:
+        raise ValueError(
+            "state_dict lists the layers in another order than this model's definition order "
+            f"(saved with order={state.config.get('order', '?')!r}?); construct LayerFreezing with the "
+            "checkpoint's order"
+        )
+    unknown = sorted(set(state.frozen) - set(dict(model.named_parameters())))
+    if unknown:
+        raise ValueError(
+            f"state_dict does not match this model: it freezes parameter {unknown[0]!r}, "
+            "which this model lacks"
+        )
+    depth = state.depth
+    if not 0 <= depth <= max(len(by_name) - 1, 0):
+        raise ValueError(f"state_dict does not match this model: depth {depth} with {len(by_name)} layers")
+    layers = [by_name[name] for name in state.layers]
+    expected = names_for_depth(depth, layers)
+    frozen = set(state.frozen)
+    if frozen != expected:
+        raise ValueError(
+            f"state_dict is inconsistent: depth {depth} freezes {len(expected)} parameter(s) of "
+            f"these layers, but it lists {len(frozen)} ({summarize(sorted(frozen ^ expected))} differ)"
+        )
+    return layers

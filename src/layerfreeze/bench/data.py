@@ -195,10 +195,11 @@ def fashion_mnist(folder: Optional[str] = None) -> Dataset:
                    ((x_test - mean) / std).contiguous(), arrays["y_test"].long(), 10)
 
 
-def rotten_tomatoes() -> Dataset:
-    """Rotten Tomatoes review snippets, fresh (1) or rotten (0): 12,808 in the corpus, each
-    text once (duplicates dropped), split 80/20 stratified with seed 0, tokenized once for
-    all-MiniLM-L6-v2 (see :mod:`layerfreeze.bench.text`).
+def rotten_tomatoes(train_size: Optional[int] = None, test_size: Optional[int] = None) -> Dataset:
+    """Rotten Tomatoes review snippets, fresh (1) or rotten (0): 12,808 in the corpus, 12,752
+    once duplicate texts are dropped, split 80/20 stratified with seed 0 (10,201 / 2,551),
+    optionally subset (as :func:`subset`), then tokenized once for all-MiniLM-L6-v2 (see
+    :mod:`layerfreeze.bench.text`), padded to the longest kept snippet.
 
     Raises:
         RuntimeError: naming what to install when the corpus or the tokenizer is missing.
@@ -207,7 +208,13 @@ def rotten_tomatoes() -> Dataset:
 
     texts, labels = text.rotten_tomatoes()
     text.model_dir()  # the tokenizer is needed too: say so before reading anything more
-    return _split(text.tokenize(texts), labels, "rotten-tomatoes", 2)
+    # Split and subset the snippets' indices first: only the kept ones are tokenized.
+    split = subset(_split(torch.arange(len(labels)).unsqueeze(1), labels, "rotten-tomatoes", 2),
+                   train_size, test_size)
+    kept = torch.cat([split.x_train[:, 0], split.x_test[:, 0]]).tolist()
+    tokens = text.tokenize([texts[i] for i in kept])
+    count = len(split.y_train)
+    return replace(split, x_train=tokens[:count].contiguous(), x_test=tokens[count:].contiguous())
 
 
 def synthetic(input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32, num_classes: int = 10,
@@ -271,7 +278,7 @@ def load_data(name: str, input_shape: tuple[int, ...] = (3, 32, 32), dtype: torc
     elif name == "fashion-mnist":
         data = fashion_mnist()
     elif name == "rotten-tomatoes":
-        data = rotten_tomatoes()
+        return rotten_tomatoes(train_size, test_size)
     elif name == "synthetic":
         data = synthetic(tuple(input_shape), dtype)
     elif os.path.isdir(name):

@@ -204,6 +204,7 @@ def build_for_data(ref: ModelRef, data: Dataset) -> nn.Module:
         ValueError: when the model cannot take this data or returns the wrong shape.
     """
     model = build_model(ref, data.input_shape, data.x_train.dtype, data.num_classes, f"data {data.name!r}")
+    model = model.to(data.x_train.device)  # the data's device: the bench moves the data before the runs
     check_forward(model, data.x_train[:2], ref.name, data.num_classes)
     return model
 
