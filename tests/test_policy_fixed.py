@@ -62,10 +62,13 @@ def test_through_names_a_module_and_covers_every_layer_under_it():
 
 
 def test_bad_arguments_name_the_argument():
-    with pytest.raises(ValueError, match=r"give exactly one of depth and through, got depth=None, through=None"):
+    with pytest.raises(ValueError, match=r"give exactly one of depth, through and fraction, got depth=None, "
+                                         r"through=None, fraction=None"):
         FixedDepth()
-    with pytest.raises(ValueError, match=r"give exactly one of depth and through, got depth=2, through='a'"):
+    with pytest.raises(ValueError, match=r"give exactly one of depth, through and fraction, got depth=2, through='a'"):
         FixedDepth(2, through="a")
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\], got 1.5"):
+        FixedDepth(fraction=1.5)
     with pytest.raises(ValueError, match=r"depth must be a positive int, got 0"):
         FixedDepth(0)
     with pytest.raises(ValueError, match=r"depth must be a positive int, got True"):
@@ -92,5 +95,14 @@ def test_attach_refuses_depths_the_model_does_not_have_and_changes_nothing():
 
 def test_describe_and_state_round_trip():
     policy = FixedDepth(through="encoder.layers.0", start=0.2)
-    assert policy.describe() == {"policy": "FixedDepth", "depth": None, "through": "encoder.layers.0", "start": 0.2}
+    assert policy.describe() == {"policy": "FixedDepth", "depth": None, "through": "encoder.layers.0",
+                                 "fraction": None, "start": 0.2}
     assert policy.state_dict() == {}
+
+
+def test_fraction_counts_layers_as_composer_does():
+    layers = lf.definition_order(mlp(5, 6))  # 5 layers: int(fraction * 4) freeze
+    assert [FixedDepth(fraction=f).target(layers) for f in (0.25, 0.5, 0.74, 0.75, 1.0)] == [1, 2, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"fraction=0.2 of this model's 4 freezable layers is 0 layers; "
+                                         r"HINT: raise fraction to at least 0.25"):
+        FixedDepth(fraction=0.2).target(layers)

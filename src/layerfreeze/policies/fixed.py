@@ -13,7 +13,7 @@ from __future__ import annotations
 import numbers
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from ..schedule import check_fraction
+from ..schedule import check_fraction, depth_for_fraction
 from .base import Context, Policy, Progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,11 +27,13 @@ class FixedDepth(Policy):
 
     Args:
         depth: number of leading layers to freeze (in LayerFreezing's layer
-            order), at least 1. Give either ``depth`` or ``through``.
+            order), at least 1. Give one of ``depth``, ``through`` and ``fraction``.
         through: a qualified module name; every layer up to and including the last
             one at or under that name freezes, for example
             ``"bert.encoder.layer.3"`` for the embeddings and the first four blocks
             of a BERT model.
+        fraction: a share of the layers, in [0, 1], by Composer's rule:
+            ``int(fraction * (layers - 1))`` of them (for a model-independent setting).
         start: fraction of training after which the layers freeze, in [0, 1):
             the first decision with ``step / total_steps >= start`` freezes them.
             With ``start=0`` that is the first decision (after the first step, or
@@ -57,13 +59,20 @@ class FixedDepth(Policy):
         [0, 2, 2, 2]
     """
 
-    def __init__(self, depth: Optional[int] = None, *, through: Optional[str] = None, start: float = 0.0):
-        if (depth is None) == (through is None):
-            raise ValueError(f"give exactly one of depth and through, got depth={depth!r}, through={through!r}")
+    def __init__(self, depth: Optional[int] = None, *, through: Optional[str] = None,
+                 fraction: Optional[float] = None, start: float = 0.0):
+        given = [name for name, value in (("depth", depth), ("through", through), ("fraction", fraction))
+                 if value is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of depth, through and fraction, got depth={depth!r}, through={through!r}, "
+                f"fraction={fraction!r}"
+            )
         if depth is not None and (isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1):
             raise ValueError(f"depth must be a positive int, got {depth!r}")
         if through is not None and (not isinstance(through, str) or not through):
             raise ValueError(f"through must be a non-empty module name, got {through!r}")
+        self.fraction = check_fraction("fraction", fraction) if fraction is not None else None
         self.start = check_fraction("start", start, allow_one=False)
         self.depth = int(depth) if depth is not None else None
         self.through = through
@@ -88,6 +97,14 @@ class FixedDepth(Policy):
                     "name a module before it"
                 )
             return depth
+        if self.fraction is not None:  # Composer's rule: int(fraction * (layers - 1))
+            depth = depth_for_fraction(self.fraction, len(names))
+            if depth == 0:
+                raise ValueError(
+                    f"fraction={self.fraction} of this model's {limit} freezable layers is 0 layers; "
+                    f"HINT: raise fraction to at least {1 / max(limit, 1):.3g}"
+                )
+            return depth
         if self.depth > limit:  # type: ignore[operator]
             raise ValueError(f"depth={self.depth} is more than this model's {limit} freezable layers")
         return self.depth  # type: ignore[return-value]
@@ -103,4 +120,5 @@ class FixedDepth(Policy):
         return depth, depth / max(len(self.context.layers) - 1, 1)
 
     def describe(self) -> dict[str, Any]:
-        return {"policy": "FixedDepth", "depth": self.depth, "through": self.through, "start": self.start}
+        return {"policy": "FixedDepth", "depth": self.depth, "through": self.through, "fraction": self.fraction,
+                "start": self.start}
