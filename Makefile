@@ -33,5 +33,5 @@ bench: $(STAMP)
 # Composer pins an older torch: its tests run in their own venv (scripts/composer_venv.sh).
 test: $(STAMP)
 	bash scripts/composer_venv.sh .venv-composer
-	.venv-composer/bin/python -m pytest -q -p no:cacheprovider tests/test_integration_composer.py tests/test_integration_contract.py
+	.venv-composer/bin/python -m pytest -q -p no:cacheprovider tests/test_integration_composer.py tests/test_integration_contract.py tests/test_distributed_composer.py
 	$(PY) -m pytest -q

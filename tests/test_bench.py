@@ -22,7 +22,6 @@ from layerfreeze.bench.plan import make_plan
 from layerfreeze.bench.report import plot_runs, render_table, write_json
 from layerfreeze.bench.resolve import build_for_data, parse_dtype, parse_shape, resolve_model
 from layerfreeze.bench.stats import mean_ci95, median, t_quantile_95
-from layerfreeze.schedule import depth_for_fraction, linear_fraction
 
 # -- variants ---------------------------------------------------------------------
 
@@ -215,12 +214,9 @@ def test_run_record_follows_the_schedule():
     assert record.steps == 4 * spe and len(record.epoch_train_loss) == 4
     assert sum(record.epoch_seconds) == pytest.approx(record.train_seconds, abs=1e-3)
     assert record.layers == 5  # mlp: 4 hidden Linear + head
-    # Decisions at epoch ends: depth int(fraction * 4) with fraction (t - 0.1) / 0.9.
-    expected = [[1, 0]]
-    for epoch in (1, 2, 3):
-        depth = depth_for_fraction(linear_fraction(epoch / 4, 0.1, 1.0), 5)
-        if depth != expected[-1][1]:
-            expected.append([epoch * spe + 1, depth])
+    # Decisions at epoch ends: depth int(fraction * 4) with fraction (t - 0.1) / 0.9:
+    # t = 1/4, 2/4, 3/4 give 0.67, 1.78, 2.89, so depths 0, 1, 2 (the end of epoch 4 is no decision here).
+    expected = [[1, 0], [2 * spe + 1, 1], [3 * spe + 1, 2]]
     assert record.depth_changes == expected
     assert record.frozen_depth_end == expected[-1][1]
     assert record.frozen_layer_share_end == expected[-1][1] / 5
@@ -281,11 +277,12 @@ def test_plan_follows_the_linear_schedule(interval):
     names = [layer.name for layer in lf.definition_order(model)]
     assert [row.name for row in plan.rows] == names
     count = len(names)
+    assert count == 43  # resnet20: 21 convolutions (2 of them shortcuts), each with its BatchNorm, and fc
     decisions = range(spe, steps, spe) if interval == "epoch" else range(1, steps)
     depth, expected = 0, [0] * steps
     for step in range(1, steps):
-        if step in decisions:
-            depth = max(depth, depth_for_fraction(linear_fraction(step / steps, 0.25, 1.0), count))
+        if step in decisions and step / steps > 0.25:  # Composer's formula, written out here
+            depth = max(depth, int((step / steps - 0.25) / 0.75 * (count - 1)))
         expected[step] = depth
     assert plan.depth_per_step == expected
     for row in plan.rows[:-1]:

@@ -119,6 +119,7 @@ def check_numbers(document) -> None:
 # -- help -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_help_on_each_command(capsys):
     result = _run("--help")  # the real entry point once; the subcommands in-process
     assert result.returncode == 0, result.stderr
@@ -133,6 +134,7 @@ def test_help_on_each_command(capsys):
 # -- bench ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_end_to_end(tmp_path):
     out = tmp_path / "results"
     result = _run("bench", "--model", "mlp", "--epochs", "3", "--seeds", "2", "--output-dir", str(out),
@@ -163,6 +165,7 @@ def test_bench_end_to_end(tmp_path):
     assert "run 10/10 start0.1 seed 1" in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_user_model_on_synthetic_data(tmp_path, monkeypatch, capsys):
     (tmp_path / "usernet.py").write_text(textwrap.dedent("""
         import torch
@@ -184,6 +187,7 @@ def test_bench_user_model_on_synthetic_data(tmp_path, monkeypatch, capsys):
     assert document["summary"][0]["baseline"] == "none"
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_finished_runs(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
@@ -226,6 +230,7 @@ def _table_rows(text: str) -> list[list[str]]:
             if re.match(r"^│\s*\d+\s*│", line)]
 
 
+@pytest.mark.slow
 def test_plan_end_to_end(tmp_path):
     plot = tmp_path / "plan.png"
     result = _run("plan", "resnet20", "--steps", "200", "--steps-per-epoch", "20", "--freeze-start", "0.5",
@@ -270,6 +275,7 @@ def test_plan_user_factory_and_execution_order(tmp_path, monkeypatch, capsys):
 # -- errors: one line on stderr, exit code 2 ----------------------------------------
 
 
+@pytest.mark.slow
 def test_unknown_model_is_one_line_and_exit_2():
     result = _run("plan", "resnet21")
     assert result.returncode == 2
@@ -351,6 +357,7 @@ def test_impossible_option_values_exit_2(args, capsys):
 BENCH_SMALL = ["bench", "--model", "mlp", "--data", "synthetic", "--epochs", "2", "--threads", "1", "--no-progress"]
 
 
+@pytest.mark.slow  # a subprocess, killed mid-run
 def test_resume_after_a_kill_runs_only_the_rest(tmp_path, capsys):
     out = tmp_path / "out"
     args = [*BENCH_SMALL, "--seeds", "3", "--output-dir", str(out)]

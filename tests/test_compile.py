@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import doctest
 import inspect
 import os
 
@@ -12,7 +11,8 @@ import torch
 from torch import nn
 
 import layerfreeze as lf
-from layerfreeze import recompiles
+
+pytestmark = pytest.mark.slow  # torch.compile: seconds per test
 
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend  # noqa: E402
@@ -178,7 +178,6 @@ def hooks_left(model: nn.Module) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("compiled_how", ["torch.compile", "module.compile"])
 def test_execution_order_traced_when_the_first_forward_is_compiled_fullgraph(compiled_how):
     # No example_inputs: the tracer's hooks meet dynamo in the first forward. Under fullgraph=True
@@ -211,7 +210,6 @@ def test_execution_order_traced_when_the_first_forward_is_compiled_fullgraph(com
         assert torch.equal(state[name], eager_state[name]), name
 
 
-@pytest.mark.slow
 def test_execution_order_traced_when_only_a_submodule_is_compiled():
     # The root forward runs eagerly but its first part is compiled: the eager hooks see only
     # the last layer, so that pass cannot fix the order; the replay traces all six.
@@ -337,7 +335,6 @@ EIGHT_SETS_WARNING = (
 )
 
 
-@pytest.mark.slow
 def test_evaluating_the_compiled_model_needs_a_second_graph_per_frozen_set(caplog):
     # max_changes = recompile_limit - 1 keeps training alone compiled, not a loop that also
     # evaluates: the eval forward (eval mode, no_grad) fails the training graph's grad-mode and
@@ -350,7 +347,6 @@ def test_evaluating_the_compiled_model_needs_a_second_graph_per_frozen_set(caplo
     assert caplog.text.count(EIGHT_SETS_WARNING) == 1
 
 
-@pytest.mark.slow
 def test_what_keeps_a_loop_with_evaluation_compiled(caplog):
     # The warning's three remedies, each measured on the same loop.
     graphs, trained, evaluated, depths = train_and_evaluate(max_changes=3)  # recompile_limit // 2 - 1
@@ -372,11 +368,6 @@ def test_what_keeps_a_loop_with_evaluation_compiled(caplog):
 def deep(layers: int) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(*[nn.Linear(2, 2) for _ in range(layers)])
-
-
-def test_recompiles_docstring_examples():
-    result = doctest.testmod(recompiles)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_compiled_model_whose_training_alone_outgrows_the_limit_is_warned_about(caplog):
@@ -413,7 +404,6 @@ def test_recompile_warning_needs_a_compiled_model_or_max_changes_and_more_than_h
     assert ("recompile_limit" in caplog.text) is warned
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("LAYERFREEZE_TEST_INDUCTOR") != "1",
     reason="inductor builds C++ kernels: about a minute on a 2-core CPU; set LAYERFREEZE_TEST_INDUCTOR=1 to run",

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import layerfreeze as lf
 from layerfreeze import distributed
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # process groups, subprocesses
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 LAUNCH_TIMEOUT = 150
@@ -184,7 +184,6 @@ CONVNET = ["0.weight", "0.bias", "2.weight", "2.bias", "3.weight", "3.bias", "7.
            "9.weight", "9.bias"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["zero", "zero_buckets"])
 def test_zero_on_two_ranks_follows_freezes_and_resumes_bit_identically(ddp_runs, name):
     r0, r1 = ok(ddp_runs[0][name]), ok(ddp_runs[1][name])
@@ -203,7 +202,6 @@ def test_zero_on_two_ranks_follows_freezes_and_resumes_bit_identically(ddp_runs,
     assert_params_equal(r0["resumed"], r1["resumed"])
 
 
-@pytest.mark.slow
 def test_fsdp2_checkpoint_through_dcp_resumes_bit_identically(ddp_runs):
     r0, r1 = ok(ddp_runs[0]["fsdp2_dcp"]), ok(ddp_runs[1]["fsdp2_dcp"])
     for result in (r0, r1):
@@ -459,6 +457,44 @@ def test_zero_local_optimizer_follows_freezes_and_resume_is_bit_identical(one_ra
     assert {id(p) for p in opt.optim.state} == {id(p) for p in (net[4].weight, net[4].bias)}
 
 
+def test_zero_with_two_param_groups_keeps_each_group_in_step(one_rank):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    net = _net()
+    # Lists: ZeroRedundancyOptimizer consumes a generator in a dict group before using it.
+    groups = [{"params": list(net[0].parameters())}, {"params": list(net[2:].parameters()), "lr": 0.05}]
+    opt = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.SGD, lr=0.1, momentum=0.9)
+    freezing = lf.LayerFreezing(interval="step").attach(net, opt, total_steps=10)
+    _steps(net, opt, 2)
+    freezing.set_depth(1)
+    assert [g["params"] for g in opt.optim.param_groups] == [[], [net[2].weight, net[4].weight, net[2].bias,
+                                                                   net[4].bias]]
+    assert [g["lr"] for g in opt.optim.param_groups] == [0.1, 0.05]
+    frozen = net[0].weight.detach().clone()
+    _steps(net, opt, 2)
+    assert torch.equal(net[0].weight, frozen)
+    opt.consolidate_state_dict(0)
+    state = opt.state_dict()
+    assert [g["params"] for g in state["param_groups"]] == [[], [0, 1, 2, 3]] and sorted(state["state"]) == [0, 1, 2, 3]
+    freezing.set_depth(0)
+    assert opt.optim.param_groups[0]["params"] == [net[0].weight, net[0].bias]
+    _steps(net, opt, 1)
+    assert not torch.equal(net[0].weight, frozen)
+
+
+def test_zero_follows_composer_style_freeze_layers(one_rank):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    net = _net()
+    opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=torch.optim.Adam, lr=0.01)
+    _steps(net, opt, 1)
+    assert lf.freeze_layers(net, opt, current_duration=1.0, freeze_start=0.0) == (2, 1.0)
+    assert opt.optim.param_groups[0]["params"] == [net[4].weight, net[4].bias]
+    assert {id(p) for p in opt.optim.state} == {id(net[4].weight), id(net[4].bias)}
+    opt.consolidate_state_dict(0)
+    assert sorted(opt.state_dict()["state"]) == [0, 1]
+
+
 def test_zero_overlap_with_ddp_is_refused_at_attach(one_rank):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -471,7 +507,6 @@ def test_zero_overlap_with_ddp_is_refused_at_attach(one_rank):
 
 
 # -- the documented torchrun example ---------------------------------------------------
-@pytest.mark.slow
 def test_torchrun_example_runs_as_documented(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

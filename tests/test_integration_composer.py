@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+pytestmark = pytest.mark.slow  # the real Trainer (and its own environment)
+
 composer = pytest.importorskip(
     "composer",
     reason="composer (PyPI mosaicml) is not installed here; `make test` runs this file in .venv-composer",
@@ -306,6 +308,14 @@ def test_epoch_end_applied_directly_to_a_state(freeze_start, epoch, frozen_layer
     names = {id(p): n for n, p in state.model.named_parameters()}
     assert sorted(names[id(p)] for p in group) == sorted(n for n, _ in state.model.named_parameters() if n not in expected)
     assert [row[lf.LAYERS_FROZEN] for row in logged] == [len(frozen_layers)]
+
+
+@pytest.mark.parametrize("interval, warned", [("epoch", True), ("step", False)])
+def test_a_one_epoch_run_deciding_at_epoch_ends_is_warned(caplog, interval, warned):
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        _trainer([LayerFreezing(0.0, interval=interval)], max_duration="1ep").fit()
+    assert ("a one-epoch run with interval='epoch' freezes only after its last step. HINT: pass interval='step'"
+            in caplog.text) is warned
 
 
 def test_ddp_find_unused_parameters_left_alone(monkeypatch):

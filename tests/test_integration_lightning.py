@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+pytestmark = pytest.mark.slow  # the real Trainer
+
 L = pytest.importorskip("lightning.pytorch", reason="lightning is not installed")
 from lightning.pytorch.loggers import Logger  # noqa: E402
 
@@ -157,8 +159,8 @@ def test_resume_from_lightning_checkpoint_is_bit_identical(tmp_path, interval):
     expected, got = _weights(full), _weights(resumed)
     assert all(torch.equal(expected[n], got[n]) for n in expected)
     saved = torch.load(tmp_path / "full" / "epoch=1.ckpt", weights_only=False)["callbacks"]["LayerFreezingCallback"]
-    assert saved["step"] == 2 * BATCHES and saved["frozen"] == (["net.0.bias", "net.0.weight"] if interval == "epoch"
-                                                                else saved["frozen"])
+    # step 8 of 16, either interval: int((0.5 - 0.25) / 0.75 * 5) = 1 layer
+    assert saved["step"] == 2 * BATCHES and saved["frozen"] == ["net.0.bias", "net.0.weight"]
 
 
 def test_resume_without_freezing_is_exact_too(tmp_path):
@@ -195,6 +197,15 @@ def test_mid_epoch_checkpoint_restores_the_frozen_set(tmp_path):
     # step 10 of 16: fraction (10/16 - 0.25) / 0.75 = 0.5, int(0.5 * 5) = 2 layers
     assert saved["step"] == 10 and saved["depth"] == 2
     assert starts == [[], ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]]
+
+
+@pytest.mark.parametrize("interval, warned", [("epoch", True), ("step", False)])
+def test_a_one_epoch_run_deciding_at_epoch_ends_is_warned(tmp_path, caplog, interval, warned):
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        _trainer(tmp_path, [LayerFreezingCallback(freeze_start=0.0, interval=interval)], max_epochs=1).fit(
+            Module(_net()), _loader())
+    assert ("a one-epoch run with interval='epoch' freezes only after its last step. HINT: pass interval='step'"
+            in caplog.text) is warned
 
 
 @pytest.mark.parametrize("interval, depths", [("epoch", [3, 5]), ("step", [2, 2, 2, 3, 3, 4, 4, 5])])

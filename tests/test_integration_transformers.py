@@ -9,6 +9,8 @@ import warnings
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the real Trainer
+
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
@@ -194,7 +196,6 @@ def _mlp_trainer(tmp_path, callbacks, **kwargs) -> Trainer:
     return Trainer(model=Mlp(), args=args, train_dataset=Rows(), callbacks=callbacks)
 
 
-@pytest.mark.slow
 def test_logs_at_the_trainers_cadence_and_keeps_its_loss_rows(tmp_path):
     """24 steps, logging_steps=5: the Trainer's own rows (loss) are the same with the callback as
     without; the callback adds a row after each of them and one at each change of the frozen set."""
@@ -215,7 +216,6 @@ def test_logs_at_the_trainers_cadence_and_keeps_its_loss_rows(tmp_path):
         (True, False), (False, True)]
 
 
-@pytest.mark.slow
 def test_logs_at_epoch_ends_with_logging_strategy_epoch(tmp_path):
     args = _args(tmp_path, per_device_train_batch_size=1, num_train_epochs=2, learning_rate=0.05,
                  logging_strategy="epoch")
@@ -227,7 +227,6 @@ def test_logs_at_epoch_ends_with_logging_strategy_epoch(tmp_path):
     assert _rows(trainer, lf.LAYERS_FROZEN) == [(24, 0), (36, 1), (48, 2)]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("interval, depths", [("epoch", [14, 21]), ("step", [8, 10, 12, 14, 15, 17, 19, 21])])
 def test_freezing_added_on_resume_follows_the_runs_true_progress(tmp_path, interval, depths):
     """A run checkpointed without freezing, resumed at step 8 of 16 with the callback added."""
@@ -252,6 +251,27 @@ def test_the_optimizer_load_hook_names_an_unknown_transformers(monkeypatch, tmp_
     with pytest.raises(RuntimeError, match=r"cannot resume frozen layers with transformers 9\.0\.0: its Trainer "
                                            r"has no _load_optimizer_and_scheduler\(checkpoint\) \(tested with 4\.40"):
         integration._before_optimizer_load(trainer, lambda checkpoint: None)
+
+
+def test_without_the_hook_a_fresh_run_still_freezes_and_is_warned(monkeypatch, tmp_path, caplog):
+    monkeypatch.delattr(Trainer, "_load_optimizer_and_scheduler")
+    model = tiny_bert()
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        trainer = Trainer(model=model, args=_args(tmp_path, num_train_epochs=1), train_dataset=Tokens(),
+                          callbacks=[LayerFreezingCallback(freeze_start=0.0, interval="step")])
+    assert "cannot resume frozen layers with transformers" in caplog.text and "HINT:" in caplog.text
+    trainer.train()
+    assert _logged(trainer, lf.LAYERS_FROZEN) == [5, 10, 15, 21]
+
+
+@pytest.mark.parametrize("interval, warned", [("epoch", True), ("step", False)])
+def test_a_one_epoch_run_deciding_at_epoch_ends_is_warned(tmp_path, caplog, interval, warned):
+    trainer = Trainer(model=tiny_bert(), args=_args(tmp_path, num_train_epochs=1), train_dataset=Tokens(),
+                      callbacks=[LayerFreezingCallback(freeze_start=0.0, interval=interval)])
+    with caplog.at_level("WARNING", logger="layerfreeze"):
+        trainer.train()
+    assert ("a one-epoch run with interval='epoch' freezes only after its last step. HINT: pass interval='step'"
+            in caplog.text) is warned
 
 
 def test_no_class_wide_patch(tmp_path):

@@ -14,10 +14,12 @@ from __future__ import annotations
 import copy
 import io
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import layerfreeze as lf
@@ -118,11 +120,11 @@ def _build(name: str) -> tuple[nn.Module, list[torch.optim.Optimizer], lf.LayerF
 
 
 def _train(name: str, model: nn.Module, optimizers: list, freezing: lf.LayerFreezing, steps: range,
-           check_frozen: bool = False) -> None:
+           check_frozen: bool = False, thaw_at: Optional[int] = 5) -> None:
     """One closure step per optimizer (LBFGS needs it, the others accept it), then freezing.step().
 
-    At step 5 a move back to depth 1 thaws a layer, so every optimizer also takes
-    parameters back. With ``check_frozen``, every step checks that no frozen
+    After step ``thaw_at`` a move back to depth 1 thaws a layer, so every optimizer
+    also takes parameters back. With ``check_frozen``, every step checks that no frozen
     weight moved and that the last layer did.
     """
     for step in steps:
@@ -142,7 +144,7 @@ def _train(name: str, model: nn.Module, optimizers: list, freezing: lf.LayerFree
             assert not moved & frozen, step
             assert moved, step  # the optimizers did train
         freezing.step()
-        if step == 5:
+        if step == thaw_at:
             freezing.set_depth(1)
 
 
@@ -274,6 +276,13 @@ def test_lbfgs_restarts_its_history_over_the_remaining_parameters():
     assert len(opt.state) == 0 and opt._params[0] is model[0].weight
     opt.step(closure)
     assert opt.state[model[0].weight]["prev_flat_grad"].numel() == 3 * 42 + 14
+
+
+def test_lbfgs_follows_composer_style_freeze_layers():
+    model, opt, _, _ = _lbfgs_run(1)
+    assert lf.freeze_layers(model, opt, current_duration=1.0, freeze_start=0.5, freeze_level=0.5) == (1, 0.5)
+    assert opt._params is opt.param_groups[0]["params"] and opt._params[0] is model[2].weight
+    assert len(opt.state) == 0 and opt._numel_cache is None
 
 
 # -- optimizers built from named_parameters(): torch's param_names -------------------------
@@ -570,3 +579,68 @@ def test_lightning_and_accelerate_wrappers_share_their_groups_and_freeze_the_inn
             freezing.detach()
     finally:
         AcceleratorState._reset_state(True)
+
+
+# -- any sequence of freezes and unfreezes, resumed at any point ----------------------------
+PROPERTY_OPTIMIZERS = ["sgd_nesterov_wd", "sgd_fused", "adam_amsgrad_maximize", "adagrad", "rprop_foreach",
+                       "nadam", "lbfgs", "adafactor"]
+
+
+def _grouped(name: str, model: nn.Module, named: bool) -> list[torch.optim.Optimizer]:
+    # Two groups, the second with its own learning rate, optionally named (param_names).
+    items = list(model.named_parameters()) if named else list(model.parameters())
+    if name.startswith("lbfgs"):  # LBFGS takes one group
+        return [O.LBFGS(items, lr=0.5, max_iter=3)]
+    cls, kwargs = {
+        "sgd_nesterov_wd": (O.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+        "sgd_fused": (O.SGD, dict(lr=0.05, momentum=0.9, fused=True)),
+        "adam_amsgrad_maximize": (O.Adam, dict(lr=0.01, amsgrad=True, maximize=True)),
+        "adagrad": (O.Adagrad, dict(lr=0.05)),
+        "rprop_foreach": (O.Rprop, dict(lr=0.01, foreach=True)),
+        "nadam": (O.NAdam, dict(lr=0.01)),
+        "adafactor": (O.Adafactor, dict(lr=0.01)),
+    }[name]
+    return [cls([{"params": items[:4]}, {"params": items[4:], "lr": kwargs["lr"] / 2}], **kwargs)]
+
+
+def _moves(name: str, named: bool, depths: list[int], start: int = 0, saved: Any = None):
+    model = _model("mlp")
+    optimizers = _grouped(name, model, named)
+    freezing = lf.LayerFreezing(interval="epoch").attach(model, optimizers, total_steps=100)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        freezing.load_state_dict(saved["freezing"])
+        for opt, state in zip(optimizers, saved["opts"]):
+            opt.load_state_dict(state)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    for step in range(start, len(depths)):
+        freezing.set_depth(depths[step])
+        for opt in optimizers:
+            for group in opt.param_groups:
+                assert all(p.requires_grad for p in group["params"])
+                if named:
+                    assert group["param_names"] == [name_of[id(p)] for p in group["params"]]
+            opt.state_dict()
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n in freezing.frozen_parameters}
+        _train(name, model, optimizers, freezing, range(step, step + 1), thaw_at=None)
+        for n, value in frozen.items():
+            assert torch.equal(dict(model.named_parameters())[n], value), (step, n)
+    return model, optimizers, freezing
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(PROPERTY_OPTIMIZERS), named=st.booleans(),
+       depths=st.lists(st.integers(0, 3), min_size=2, max_size=7), data=st.data())
+def test_any_freeze_sequence_keeps_frozen_weights_and_resumes_exactly(name, named, depths, data):
+    cut = data.draw(st.integers(1, len(depths) - 1), label="checkpoint after step")
+    straight, straight_opts, _ = _moves(name, named, depths)
+    model, optimizers, freezing = _moves(name, named, depths[:cut])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opts": [o.state_dict() for o in optimizers],
+                "freezing": freezing.state_dict()}, buffer)
+    buffer.seek(0)
+    resumed, resumed_opts, _ = _moves(name, named, depths, cut, torch.load(buffer, weights_only=True))
+    for (n, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), n
+    for a, b in zip(straight_opts, resumed_opts):
+        _assert_same_state(a.state_dict(), b.state_dict())

@@ -179,16 +179,6 @@ def test_describe_names_the_policy_in_checkpoint_config(policy):
     assert config["policy"] == type(freezing.policy).__name__
 
 
-@pytest.mark.parametrize("name", ["freezeout", "gradient", "convergence"])
-def test_docstring_examples_run(name):
-    import doctest
-    import importlib
-
-    module = importlib.import_module(f"layerfreeze.policies.{name}")
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
-
-
 # -- loading is all-or-nothing ------------------------------------------------------------
 
 def _edit(field, value):

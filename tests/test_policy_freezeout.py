@@ -115,7 +115,9 @@ def effective_lrs(opt):
 def test_learning_rate_during_each_step_follows_the_paper(scale_lr, spacing):
     net, opt, freezing = attached(t0=0.5, spacing=spacing, scale_lr=scale_lr, total_steps=8)
     seen = effective_lrs(opt)
-    times = dict(zip(["0", "2", "4"], freeze_times(3, 0.5, spacing)))
+    # the paper's freeze times, its t_0 given "pre-cubed": the first layer at 0.5 either way
+    power = {"linear": 1, "cubic": 3}[spacing]
+    times = dict(zip(["0", "2", "4"], paper_times(3, 0.5 ** (1 / power), power)))
     times["6"] = 1.0  # the last layer follows the whole-run cosine, as the paper's classifier
     for step in range(8):
         net(torch.randn(3, 6)).sum().backward()
@@ -124,9 +126,13 @@ def test_learning_rate_during_each_step_follows_the_paper(scale_lr, spacing):
         # between steps the group keeps its own rate: schedulers see what they set
         assert all(g["lr"] == 0.1 for g in opt.param_groups)
         freezing.step()
+    assert len(seen) == 8 and sorted(seen[0]) == ["0", "2", "4", "6"]
     for step, lrs in enumerate(seen):
         for name, lr in lrs.items():
-            assert lr == 0.1 * lr_factor(step / 8, times[name], scale_lr), (step, name)
+            # 0.5 * lr0 * (1 + cos(pi * t / t_i)) before t_i, divided by t_i with scale_lr; 0 after
+            t, t_i = step / 8, times[name]
+            paper = 0.0 if t >= t_i else 0.5 * 0.1 * (1 + math.cos(math.pi * t / t_i)) / (t_i if scale_lr else 1.0)
+            assert lr == pytest.approx(paper, rel=1e-12, abs=1e-15), (step, name)
 
 
 def test_layer_freezes_at_the_first_step_reaching_its_time():

@@ -33,6 +33,7 @@ def _equal(a, b, path="state"):
         assert a == b, path
 
 
+@pytest.mark.slow  # a subprocess per run
 @pytest.mark.parametrize("config", sorted(CASES))
 def test_resume_in_new_process_is_bit_identical(config, tmp_path):
     ks = CASES[config]

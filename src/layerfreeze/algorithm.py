@@ -594,6 +594,7 @@ class LayerFreezing:
                 self._traced_hooks.remove()  # dynamo recompiles for the new frozen set anyway
                 self._traced_hooks = None
             self._bridge.update(self._freezer.layers[:depth])
+            self.policy._frozen_set_changed()
             self._changes += 1
             distributed.on_trainable_change(self._wrapper)
             layers = self._freezer.layers

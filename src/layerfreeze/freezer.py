@@ -305,10 +305,10 @@ class Freezer:
                 continue
             self._emptied_hinted.add(index)
             log.warning(
-                "layerfreeze: optimizers[%d] (%s) holds no parameters now; its step() does nothing. "
-                "HINT: with torch.amp.GradScaler, skip scaler.step() for an optimizer without parameters "
-                "(if any(g['params'] for g in opt.param_groups): scaler.step(opt)); GradScaler raises "
-                "'No inf checks were recorded for this optimizer' otherwise", index, type(opt).__name__,
+                "layerfreeze: optimizers[%d] (%s) holds no parameters now; its step() has nothing to do. "
+                "HINT: skip stepping an optimizer without parameters (if any(g['params'] for g in "
+                "opt.param_groups): scaler.step(opt)): torch.amp.GradScaler.step raises 'No inf checks were "
+                "recorded for this optimizer' for it, and LBFGS.step raises IndexError", index, type(opt).__name__,
             )
 
     def _update_batchnorm(self) -> None:

@@ -13,6 +13,18 @@ such problem, and is what we recommend.
 while any layer is frozen, makes the output of the last frozen layer that runs
 outside checkpointed segments require grad, so the segments after it build their
 graphs again. Backward then reaches that activation but no frozen parameter.
+
+Under ``torch.compile`` the hooks do nothing inside the compiled region: dynamo
+traces ``torch.utils.checkpoint`` as a higher-order op whose backward does not
+depend on its inputs requiring grad, so compiled segments need no bridge, and a
+hook that records or removes hooks there is a graph break (an error under
+``fullgraph=True``). Detection waits for a training forward that runs eagerly; the
+probes that dynamo inlined leave at the next change of the frozen set, when dynamo
+recompiles anyway, and until detection every frozen layer is bridged (correct, at
+the cost of one activation gradient). A checkpointed function that dynamo cannot
+trace (a graph break inside it) runs eagerly, with reentrant semantics, inside the
+compiled forward; the probes see that, and the bridges then act in compiled code
+too, as a graph break.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .layers import Layer
+from .layers import Layer, _is_compiling
 
 __all__ = ["GradientBridge"]
 
@@ -42,10 +54,6 @@ def _may_checkpoint(model: nn.Module) -> bool:
         if code is not None and any("checkpoint" in name for name in code.co_names):
             return True
     return False
-
-
-def _bridge_hook(module: nn.Module, args: Any, output: Any) -> Any:
-    return _require_grad(output)
 
 
 def _require_grad(output: Any) -> Any:
@@ -77,68 +85,103 @@ class GradientBridge:
         self.reentrant = False
         self._outside: set[int] = set()  # id(module) of layers seen running with grad enabled
         self._root_grad: Optional[bool] = None
+        self._detected = False
+        self._compiled = False  # dynamo inlined a probe: removing the probes forces a recompile
+        self._partial = False  # part of the current training forward ran compiled: it tells nothing
+        self._compiled_training = False  # a compiled training forward is running (set by dynamo's side effects)
+        # A layer ran eagerly under no_grad inside a compiled training forward: a checkpointed
+        # function dynamo could not trace (a graph break in it) ran with reentrant semantics.
+        self._eager_checkpoint = False
         self._frozen: list[nn.Module] = []
         self._bridges: list[Any] = []
         self._probes: list[Any] = []
         if not _may_checkpoint(model):
+            self._detected = True
             return  # no probes: nothing on the model, so torch.compile sees no hooks
         self._probes = [model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._exit)]
         for module in {id(layer.module): layer.module for layer in layers}.values():
             self._probes.append(module.register_forward_pre_hook(self._seen))
 
-    # -- detection (first forward pass in training mode) -------------------
+    # -- detection (first eager forward pass in training mode) -------------
+    # Under dynamo the probes only store constants and never read the bridge's state:
+    # a read would become a guard, and the guard a recompilation.
     def _enter(self, module: nn.Module, args: Any) -> None:
-        if module.training and self._root_grad is None:
+        if _is_compiling():
+            self._compiled, self._compiled_training = True, module.training and torch.is_grad_enabled()
+        elif module.training and self._root_grad is None:
             self._root_grad = torch.is_grad_enabled()
+            self._partial, self.reentrant = False, False
+            self._outside.clear()
 
     def _seen(self, module: nn.Module, args: Any) -> None:
-        if self._root_grad:
+        if _is_compiling():
+            self._compiled = self._partial = True
+        elif self._compiled_training and not torch.is_grad_enabled():
+            self._eager_checkpoint = True
+        elif self._root_grad:
             if torch.is_grad_enabled():
                 self._outside.add(id(module))
             elif not self.reentrant:
                 self.reentrant = True  # a layer ran under no_grad inside a grad-enabled forward
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if _is_compiling():
+            self._compiled_training = False
+            return
         if self._root_grad is None:
             return
-        if not self._root_grad:
-            self._root_grad = None  # an eval/no_grad pass tells nothing; wait for a training one
+        if not self._root_grad or self._partial:
+            self._root_grad = None  # an eval/no_grad or partly compiled pass tells nothing; wait for another
             return
-        for handle in self._probes:
-            handle.remove()
-        self._probes = []
+        self._detected = True
         if self.reentrant:
             log.warning(
                 "layerfreeze: reentrant activation checkpointing detected; frozen layers will pass "
                 "gradients on to checkpointed ones (transformers #21381). HINT: non-reentrant "
                 "checkpointing (use_reentrant=False) avoids the extra work"
             )
-        self._place()
+        if not self._compiled:
+            self._remove_probes()
+            self._place()
+        # else: the probes and the bridges (on every frozen layer, a superset) stay until the next
+        # change of the frozen set, when dynamo recompiles anyway (update).
+
+    def _remove_probes(self) -> None:
+        for handle in self._probes:
+            handle.remove()
+        self._probes = []
 
     # -- bridging ---------------------------------------------------------
+    def _bridge_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if _is_compiling() and not self._eager_checkpoint:
+            # Dynamo traces checkpointing as an op that needs no bridge, and requires_grad_()
+            # on an intermediate is unsupported in a graph (an error under fullgraph=True).
+            return output
+        return _require_grad(output)  # compiled, a graph break: it runs eagerly
+
     def update(self, frozen_layers: Sequence[Layer]) -> None:
         """Set the frozen layers (in freeze order) after a change."""
         self._frozen = [layer.module for layer in frozen_layers]
+        if self._compiled:
+            self._remove_probes()  # dynamo inlined them; it recompiles for the new frozen set anyway
         self._place()
 
     def _place(self) -> None:
         for handle in self._bridges:
             handle.remove()
-        if self._probes:
-            # Not detected yet (e.g. a resumed run frozen before its first forward):
-            # bridge every frozen layer for that one pass; it only adds work.
+        if not self._detected:
+            # Not detected yet (a resumed run frozen before its first forward, or a model
+            # only run compiled): bridge every frozen layer; it only adds work.
             targets = self._frozen
         elif self.reentrant:
             outside = [m for m in self._frozen if id(m) in self._outside]
             targets = outside[-1:]
         else:
             targets = []
-        self._bridges = [m.register_forward_hook(_bridge_hook) for m in targets]
+        self._bridges = [m.register_forward_hook(self._bridge_hook) for m in targets]
 
     def remove(self) -> None:
         """Remove every hook."""
-        for handle in self._probes:
-            handle.remove()
-        self._probes = []
+        self._remove_probes()
         self._frozen = []
         self._place()

@@ -270,11 +270,14 @@ def _side_effect_free(model: nn.Module) -> Iterator[None]:
     trace or a FLOP count must leave the model exactly as it found it. Eagerly
     (see :func:`_eager`), also where the model is compiled in place: the pass
     must see its hooks run, and must not spend compiled graphs of the model
-    (dynamo would compile one for each set of hooks it meets).
+    (dynamo would compile one for each set of hooks it meets). The random number
+    generators are forked too: dropout in the pass must not shift the training run's
+    random stream (a replayed compiled forward would otherwise differ from eager).
     """
     saved = [(b, b.detach().clone()) for b in model.buffers()]
+    cuda = sorted({t.device.index for t in model.parameters() if t.is_cuda and t.device.index is not None})
     try:
-        with _eager(), torch.no_grad():
+        with _eager(), torch.no_grad(), torch.random.fork_rng(devices=cuda):
             yield
     finally:
         with torch.no_grad():

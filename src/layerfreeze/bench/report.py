@@ -19,7 +19,7 @@ Results JSON (``bench.json``, format ``"layerfreeze-bench/2"``)::
         "variants": [{"name": "none", "description": "..."}, ...]
       },
       "environment": {"python": "3.12.3", "torch": "2.13.0+cpu", "layerfreeze": "0.1.0",
-                      "platform": "Linux-...", "machine": "x86_64", "processor": "...",
+                      "platform": "Linux-...", "machine": "x86_64", "processor": "...", "cpu": "AMD EPYC",
                       "cpu_count": 2, "threads": 2,
                       "device": "cpu", "precision": "fp32",
                       "gpu": null, "cuda": null,          # the GPU's name and CUDA version on a GPU
@@ -100,10 +100,23 @@ def environment(threads: int, device: Optional[dict[str, Any]] = None) -> dict[s
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
         **(device or {}),
     }
+
+
+def _cpu_model() -> Optional[str]:
+    """The CPU's model name (Linux /proc/cpuinfo; None where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def results_document(config: dict[str, Any], records: Sequence[RunRecord], summary: list[dict[str, Any]],

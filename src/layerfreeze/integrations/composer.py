@@ -18,7 +18,7 @@ import math
 from typing import Any, Optional
 
 from .. import algorithm as _algorithm
-from .. import distributed
+from .. import distributed, hints
 
 __all__ = ["LayerFreezing"]
 
@@ -115,7 +115,9 @@ class LayerFreezing(Algorithm):
             self._attach(state)
         clock = _clock(state, event)
         if event == Event.FIT_START:
-            self.freezing.sync(**clock)
+            self.freezing.sync(epochs_done=int(state.timestamp.epoch.value), **clock)
+            if state.max_duration.unit == TimeUnit.EPOCH and int(state.max_duration.value) == 1:
+                hints.warn_one_epoch(self.freezing.interval, self.freezing.total_steps, self.freezing.total_steps)
         elif event == Event.BATCH_END:
             self.freezing.step(**clock)
         elif event == Event.EPOCH_END:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .. import algorithm as _algorithm
+from .. import hints
 
 __all__ = ["LayerFreezingCallback"]
 
@@ -65,6 +66,9 @@ class LayerFreezingCallback(Callback):
         self._attach(trainer, pl_module)
         # The loop's counters are restored by now: a resumed run starts at its true step.
         self.freezing.sync(trainer.global_step, epochs_done=trainer.current_epoch)
+        if trainer.max_epochs == 1:  # epoch ends come from the trainer: say what that means for one epoch
+            total = self.freezing.total_steps
+            hints.warn_one_epoch(self.freezing.interval, total, total)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._attach(trainer, pl_module)

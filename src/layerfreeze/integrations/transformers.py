@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 
 from .. import algorithm as _algorithm
+from .. import hints
 from ..encoder_cache import EncoderCache
 
 __all__ = ["LayerFreezingCallback", "STATE_FILE"]
@@ -62,7 +63,8 @@ def _before_optimizer_load(trainer: Trainer, hook: Callable[[str], None]) -> Non
     class-wide patch), once.
 
     Raises:
-        RuntimeError: when this transformers has no such method, naming the version.
+        RuntimeError: when this transformers has no such method, naming the version
+            (the callback turns it into a warning: training from scratch needs no hook).
     """
     method = getattr(type(trainer), "_load_optimizer_and_scheduler", None)
     parameters = list(inspect.signature(method).parameters) if callable(method) else []
@@ -70,7 +72,8 @@ def _before_optimizer_load(trainer: Trainer, hook: Callable[[str], None]) -> Non
         raise RuntimeError(
             f"layerfreeze's LayerFreezingCallback cannot resume frozen layers with transformers "
             f"{transformers.__version__}: its Trainer has no _load_optimizer_and_scheduler(checkpoint) "
-            f"(tested with {TESTED_VERSIONS}). HINT: install a tested transformers release"
+            f"(tested with {TESTED_VERSIONS}); training from scratch works. HINT: install a tested "
+            "transformers release to resume runs with frozen layers"
         )
     load = trainer._load_optimizer_and_scheduler
     if getattr(load, "_layerfreeze_hooked", False):
@@ -145,7 +148,10 @@ class LayerFreezingCallback(TrainerCallback):
         if self._trainer is None:
             self._trainer = _firing_trainer(self)
             if self._trainer is not None:
-                _before_optimizer_load(self._trainer, self._load_checkpoint)
+                try:
+                    _before_optimizer_load(self._trainer, self._load_checkpoint)
+                except RuntimeError as error:  # training from scratch still works
+                    log.warning("layerfreeze: %s", error)
         return self._trainer
 
     def _attach(self, trainer: Trainer) -> None:
@@ -184,6 +190,8 @@ class LayerFreezingCallback(TrainerCallback):
             )
         self._attach(trainer)
         self.freezing.sync(state.global_step, epochs_done=int(state.epoch or 0))
+        if state.num_train_epochs == 1:  # epoch ends come from the clock: say what that means for one epoch
+            hints.warn_one_epoch(self.freezing.interval, state.max_steps, state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         self._attach(self._bind())

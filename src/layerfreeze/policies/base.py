@@ -28,10 +28,13 @@ class Progress:
     """Where training stands when a policy is asked for a depth.
 
     Attributes:
-        step: optimizer steps done so far.
+        step: optimizer steps done so far in the whole run (the trainer's count when
+            an integration passes it, so a resumed run starts where it is).
         total_steps: optimizer steps in the whole run.
-        epoch: epochs done so far (counted from epoch ends).
-        current_duration: ``min(step / total_steps, 1.0)``, Composer's elapsed duration.
+        epoch: epochs done so far (the trainer's count, or counted from epoch ends).
+        current_duration: the elapsed fraction of the run in [0, 1] (Composer's elapsed
+            duration): the trainer's own when it gives one (``duration=``, e.g. Composer
+            measuring in samples or tokens), else ``step / total_steps``; held at 1.0.
         depth: the depth frozen right now.
     """
 
@@ -136,3 +139,9 @@ class Policy:
 
     def release(self) -> None:
         """Called by ``LayerFreezing.detach``: remove any hooks the policy installed."""
+
+    def _frozen_set_changed(self) -> None:
+        # Called by LayerFreezing right after the frozen set changed, when TorchDynamo
+        # recompiles the model anyway: the moment to remove forward hooks that compiled
+        # code has inlined (removing them at any other time costs one more graph).
+        pass

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ..layers import _side_effect_free
+from ..layers import _is_compiling, _side_effect_free
 from ..state import field_count, field_mapping, field_name_map, field_real
 from ..validation import check_choice, check_int, check_number
 from .base import Context, Policy, Progress
@@ -157,6 +157,11 @@ class Convergence(Policy):
     the first batch the model sees after attach (captured by a forward pre-hook,
     detached and copied). Either way at most ``max_samples`` samples are kept, and
     the probe is saved in :meth:`state_dict` so a resumed run probes the same batch.
+    If that first forward runs under ``torch.compile``, the hook only keeps a
+    reference to the batch inside the compiled region (removing a hook there breaks
+    the graph, an error under ``fullgraph=True``); the copy is taken at the next
+    ``LayerFreezing.step()``, and the hook, inert, leaves at the next change of the
+    frozen set, when dynamo recompiles anyway.
 
     The probe pass changes nothing in training: it runs under ``torch.no_grad()``
     in eval mode (no dropout, BatchNorm on running statistics), then every module's
@@ -213,6 +218,8 @@ class Convergence(Policy):
         self._given = probe
         self._probe: Optional[tuple[tuple, dict]] = None
         self._capture: Any = None
+        self._call: Optional[tuple[tuple, dict]] = None  # a compiled forward's inputs, copied at after_step
+        self._capture_compiled = False  # dynamo inlined the capture hook: remove it at a freeze change
         self._grams: dict[str, torch.Tensor] = {}
         self._streaks: dict[str, int] = {}
         self._similarity: dict[str, float] = {}
@@ -248,14 +255,29 @@ class Convergence(Policy):
         return _device_of(self.context.model)
 
     def _capture_first(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if _is_compiling():
+            # Only store: reading the policy's state would become a guard (a recompile
+            # when it changes), and removing the hook is an error under fullgraph=True.
+            self._call, self._capture_compiled = (args, kwargs), True
+        elif self._probe is None:
+            self._take_probe(*(self._call or (args, kwargs)))  # a compiled first call comes first
+            if not self._capture_compiled:
+                self._stop_capture()
+
+    def _take_probe(self, args: tuple, kwargs: dict) -> None:
         args, kwargs = _slice_batch(tuple(args), dict(kwargs), self.max_samples)
         self._probe = _map_tensors((args, kwargs), lambda t: t.detach().clone())
-        self._stop_capture()
+        self._call = None
 
     def _stop_capture(self) -> None:
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
+        self._call = None
+
+    def _frozen_set_changed(self) -> None:
+        if self._capture_compiled and self._probe is not None:
+            self._stop_capture()  # inert since the probe was taken; dynamo recompiles now anyway
 
     def release(self) -> None:
         self._stop_capture()
@@ -306,6 +328,10 @@ class Convergence(Policy):
 
     # -- decisions ---------------------------------------------------------
     def after_step(self, progress: Progress) -> None:
+        if self._call is not None:  # the first forward ran compiled: take the probe now, eagerly
+            if self._probe is None:
+                self._take_probe(*self._call)
+            self._call = None  # an inert hook stores each compiled call; keep no batch alive
         if progress.step % self.every != 0 or self._probe is None:
             return
         depth = progress.depth
