@@ -200,7 +200,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "this study runs without it, and docs/evidence.md reports it as missing", file=sys.stderr)
     if args.dry_run:
         return 0
-    os.makedirs(out, exist_ok=True)
     from layerfreeze.cli import main as layerfreeze
 
     return layerfreeze(command)
