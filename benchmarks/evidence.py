@@ -68,6 +68,7 @@ def load(path: Path) -> Optional[dict[str, Any]]:
 
 
 def records_of(document: dict[str, Any]) -> list[RunRecord]:
+    """The JSON's runs as the bench's records (ValueError for a run of another format)."""
     return [RunRecord.from_json(run) for run in document["runs"]]
 
 
@@ -189,6 +190,7 @@ def busy_note(records: Sequence[RunRecord], threads: int, device: str) -> Option
 
 
 def machine_line(environment: dict[str, Any], config: dict[str, Any]) -> str:
+    """Where the runs were measured: CPU model, CPUs and threads, GPU if any, torch and the rest."""
     cpu = environment.get("cpu") or f"{environment.get('processor', '?')} (CPU model not recorded)"
     parts = [f"CPU: {cpu}, {environment.get('cpu_count')} logical CPUs, {config.get('threads')} torch thread(s)"]
     if environment.get("gpu"):
