@@ -25,8 +25,7 @@ also runs the earlier parts' seeds.
 Durations on 2 idle CPU cores, estimated from CPU time measured on a busy machine
 (wall times there were 3 to 8 times longer): digits about 45 minutes (1.15 s a step,
 60 steps a run, about 39 full runs' worth of steps), fashion-mnist about two hours
-(see its entry); rotten-tomatoes not yet measured with this runner. A GPU study is
-minutes per task.
+(see its entry); rotten-tomatoes not yet measured with this runner.
 
 The settings are those of :data:`STUDIES`; changing one makes ``--resume`` refuse the
 existing JSON (another configuration), so a study is never silently mixed.
