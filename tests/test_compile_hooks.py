@@ -137,6 +137,41 @@ def test_checkpointed_model_run_eagerly_after_compiled_steps_still_trains_its_bl
     assert_same_state(model.state_dict(), reference.state_dict())
 
 
+class BreaksInCheckpoint(Checkpointed):
+    """Checkpointed blocks that dynamo cannot trace (a graph break inside): without fullgraph
+    it runs them eagerly, with reentrant semantics, inside the compiled forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        for block in self.blocks:
+            x = checkpoint(self._untraceable, block, x, use_reentrant=True)
+        return self.head(x)
+
+    @staticmethod
+    def _untraceable(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return block(x)
+
+
+@pytest.mark.slow
+def test_checkpointed_function_dynamo_cannot_trace_still_gets_bridged_gradients():
+    # The frozen stem's output comes out of compiled code not requiring grad; the eager
+    # reentrant checkpoints after it would get no gradient (torch only warns). The probes see
+    # layers running eagerly under no_grad inside the compiled training forward, and the
+    # bridge then acts in compiled code as a graph break: the run equals eager bit for bit.
+    results = []
+    for mode in ("torch.compile", "eager"):
+        model = BreaksInCheckpoint()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezing = lf.LayerFreezing(freeze_start=0.0, interval="step").attach(model, opt, total_steps=8)
+        run = torch.compile(model, backend=CompileCounter()) if mode != "eager" else model
+        depths = train(model, opt, freezing, run, batches(8, (4, 6)))
+        results.append((depths, copy.deepcopy(model.state_dict())))
+    (depths, state), (eager_depths, eager_state) = results
+    assert depths == eager_depths == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert_same_state(state, eager_state)
+
+
 # -- Convergence's capture of the first batch ---------------------------------
 
 class MLP(nn.Module):

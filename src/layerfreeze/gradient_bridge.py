@@ -21,7 +21,10 @@ hook that records or removes hooks there is a graph break (an error under
 ``fullgraph=True``). Detection waits for a training forward that runs eagerly; the
 probes that dynamo inlined leave at the next change of the frozen set, when dynamo
 recompiles anyway, and until detection every frozen layer is bridged (correct, at
-the cost of one activation gradient).
+the cost of one activation gradient). A checkpointed function that dynamo cannot
+trace (a graph break inside it) runs eagerly, with reentrant semantics, inside the
+compiled forward; the probes see that, and the bridges then act in compiled code
+too, as a graph break.
 """
 
 from __future__ import annotations
@@ -51,14 +54,6 @@ def _may_checkpoint(model: nn.Module) -> bool:
         if code is not None and any("checkpoint" in name for name in code.co_names):
             return True
     return False
-
-
-def _bridge_hook(module: nn.Module, args: Any, output: Any) -> Any:
-    if _is_compiling():
-        # Compiled checkpointing needs no bridge, and requires_grad_() on an intermediate
-        # is unsupported there (an error under fullgraph=True).
-        return output
-    return _require_grad(output)
 
 
 def _require_grad(output: Any) -> Any:
@@ -93,6 +88,10 @@ class GradientBridge:
         self._detected = False
         self._compiled = False  # dynamo inlined a probe: removing the probes forces a recompile
         self._partial = False  # part of the current training forward ran compiled: it tells nothing
+        self._compiled_training = False  # a compiled training forward is running (set by dynamo's side effects)
+        # A layer ran eagerly under no_grad inside a compiled training forward: a checkpointed
+        # function dynamo could not trace (a graph break in it) ran with reentrant semantics.
+        self._eager_checkpoint = False
         self._frozen: list[nn.Module] = []
         self._bridges: list[Any] = []
         self._probes: list[Any] = []
@@ -108,7 +107,7 @@ class GradientBridge:
     # a read would become a guard, and the guard a recompilation.
     def _enter(self, module: nn.Module, args: Any) -> None:
         if _is_compiling():
-            self._compiled = True
+            self._compiled, self._compiled_training = True, module.training and torch.is_grad_enabled()
         elif module.training and self._root_grad is None:
             self._root_grad = torch.is_grad_enabled()
             self._partial, self.reentrant = False, False
@@ -117,6 +116,8 @@ class GradientBridge:
     def _seen(self, module: nn.Module, args: Any) -> None:
         if _is_compiling():
             self._compiled = self._partial = True
+        elif self._compiled_training and not torch.is_grad_enabled():
+            self._eager_checkpoint = True
         elif self._root_grad:
             if torch.is_grad_enabled():
                 self._outside.add(id(module))
@@ -124,7 +125,10 @@ class GradientBridge:
                 self.reentrant = True  # a layer ran under no_grad inside a grad-enabled forward
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if _is_compiling() or self._root_grad is None:
+        if _is_compiling():
+            self._compiled_training = False
+            return
+        if self._root_grad is None:
             return
         if not self._root_grad or self._partial:
             self._root_grad = None  # an eval/no_grad or partly compiled pass tells nothing; wait for another
@@ -148,6 +152,13 @@ class GradientBridge:
         self._probes = []
 
     # -- bridging ---------------------------------------------------------
+    def _bridge_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if _is_compiling() and not self._eager_checkpoint:
+            # Dynamo traces checkpointing as an op that needs no bridge, and requires_grad_()
+            # on an intermediate is unsupported in a graph (an error under fullgraph=True).
+            return output
+        return _require_grad(output)  # compiled, a graph break: it runs eagerly
+
     def update(self, frozen_layers: Sequence[Layer]) -> None:
         """Set the frozen layers (in freeze order) after a change."""
         self._frozen = [layer.module for layer in frozen_layers]
@@ -167,7 +178,7 @@ class GradientBridge:
             targets = outside[-1:]
         else:
             targets = []
-        self._bridges = [m.register_forward_hook(_bridge_hook) for m in targets]
+        self._bridges = [m.register_forward_hook(self._bridge_hook) for m in targets]
 
     def remove(self) -> None:
         """Remove every hook."""
