@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import math
-import statistics
+import os
 import sys
 import textwrap
 

@@ -58,7 +58,8 @@ SCHEMA = {
         "variants": [{"name": str, "description": str}],
     },
     "environment": {"python": str, "torch": str, "layerfreeze": str, "platform": str, "machine": str,
-                    "processor": str, "cpu_count": int, "threads": int, "device": str, "precision": str,
+                    "processor": str, "cpu": (str, type(None)), "cpu_count": int, "threads": int, "device": str,
+                    "precision": str,
                     "gpu": (str, type(None)), "cuda": (str, type(None)), "peak_memory": str},
     "runs": [RUN],
     "summary": [SUMMARY],
@@ -455,6 +456,7 @@ def test_bad_numbers_are_one_line_not_the_usage_block(args, message, capsys):
     assert lines[0].endswith(f"(see layerfreeze {args[0]} --help)")
 
 
+@pytest.mark.slow
 def test_one_seed_says_it_cannot_tell(tmp_path, capsys):
     assert main([*BENCH_SMALL, "--seeds", "1", "--variants", "none,start0.1", "--output-dir", str(tmp_path)]) == 0
     err = " ".join(capsys.readouterr().err.split())
@@ -507,3 +509,94 @@ def test_rotten_tomatoes_task_end_to_end(tmp_path, capsys):
         ("none", 1.0, 3), ("none", 0.67, 2), ("start0.1", 1.0, 3)]
     start = document["runs"][2]
     assert start["layers"] == 53 and start["depth_changes"][0] == [1, 0] and start["frozen_depth_end"] > 0
+
+
+def test_plot_under_an_unwritable_folder_names_the_reason(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_open = builtins.open
+
+    def deny(path, *args, **kwargs):  # as a non-root user in a read-only folder
+        if str(path).endswith(".layerfreeze-write-test"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    assert main(["plan", "mlp", "--plot", str(tmp_path / "p.png")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"layerfreeze plan: error: --plot's folder {str(tmp_path)!r} is not writable: Permission denied")
+
+
+def _recomputed_equal_time(document):
+    """The equal-time fields recomputed from the JSON's own runs, independently of layerfreeze:
+    per seed, numpy's linear interpolation over the baseline's (time, accuracy) points."""
+    import numpy as np
+    from scipy import stats
+
+    runs = document["runs"]
+    result = {}
+    for row in document["summary"]:
+        if row["variant"] == "none":
+            continue
+        deltas, outside = [], 0
+        for run in (r for r in runs if r["variant"] == row["variant"]):
+            base = sorted((r["train_seconds"], r["test_accuracy"]) for r in runs
+                          if r["variant"] == "none" and r["seed"] == run["seed"])
+            times, accuracies = [t for t, _ in base], [a for _, a in base]
+            if not times[0] <= run["train_seconds"] <= times[-1]:
+                outside += 1
+                continue
+            deltas.append(run["test_accuracy"] - float(np.interp(run["train_seconds"], times, accuracies)))
+        mean = float(np.mean(deltas)) if deltas else None
+        half = (float(stats.t.ppf(0.975, len(deltas) - 1) * np.std(deltas, ddof=1) / np.sqrt(len(deltas)))
+                if len(deltas) > 1 else None)
+        if outside:
+            verdict = "outside the frontier"
+        elif half is None:
+            verdict = "no difference detected"
+        else:
+            verdict = "ahead" if mean - half > 0 else "behind" if mean + half < 0 else "no difference detected"
+        result[row["variant"]] = (mean, half, verdict)
+    return result
+
+
+@pytest.mark.slow
+def test_every_variant_on_one_table_and_equal_time_fields_recomputed(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", "--model", "mlp", "--data", "synthetic", "--epochs", "2", "--seeds", "2", "--budgets",
+                 "0.25,0.5", "--variants", "all", "--interval", "step", "--threads", "1", "--no-progress",
+                 "--output-dir", str(out)]) == 0
+    document = json.loads((out / "bench.json").read_text())
+    check_schema(document, SCHEMA)
+    check_numbers(document)
+    names = ["none", "composer", "start0.1", "flops", "cache", "freezeout", "gradient", "convergence"]
+    assert [row["variant"] for row in document["summary"]] == names
+    assert document["config"]["budgets"] == [0.25, 0.5, 1.0]
+    assert [(f["budget"], f["runs"]) for f in document["frontier"]] == [(0.25, 2), (0.5, 2), (1.0, 2)]
+    recomputed = _recomputed_equal_time(document)
+    for row in document["summary"][1:]:
+        mean, half, verdict = recomputed[row["variant"]]
+        assert row["verdict"] == verdict, row["variant"]
+        if mean is None:
+            assert row["equal_time_delta"] is None
+        else:
+            assert row["equal_time_delta"] == pytest.approx(mean, abs=1e-12)
+        if half is None:
+            assert row["equal_time_ci95"] is None
+        else:
+            assert row["equal_time_ci95"] == pytest.approx(half, rel=1e-9)
+    cache = [r for r in document["runs"] if r["variant"] == "cache"]
+    assert all(r["cache_hits"] > 0 for r in cache)
+    table = capsys.readouterr().out
+    for name in names[1:]:
+        assert any(line.startswith(f"│ {name} ") for line in table.splitlines())
+
+
+def test_missing_data_is_one_line_naming_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LAYERFREEZE_FASHION_MNIST", str(tmp_path / "empty"))
+    assert main(["bench", "--task", "fashion-mnist", "--output-dir", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("layerfreeze bench: error: --task fashion-mnist needs the Fashion-MNIST IDX files")
+    assert lines[0].endswith("apt-get install dataset-fashion-mnist (or set LAYERFREEZE_FASHION_MNIST to a folder "
+                             "holding them)")

@@ -219,33 +219,29 @@ def render_table(summary: Sequence[dict[str, Any]], frontier: Sequence[dict[str,
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    table.add_column("variant")
+    table.add_column("variant", no_wrap=True)
     table.add_column("runs", justify="right")
-    table.add_column("median time", justify="right")
-    table.add_column("speedup", justify="right")
-    table.add_column("CPU-time speedup", justify="right")
-    table.add_column("predicted", justify="right")
-    table.add_column("test accuracy (95% CI)", justify="right", no_wrap=True)
-    table.add_column("vs none at equal time (95% CI)", justify="right", no_wrap=True)
+    table.add_column("median\ntime", justify="right", no_wrap=True)
+    table.add_column("speedup\nwall / CPU / predicted", justify="right", no_wrap=True)
+    table.add_column("test accuracy\n(95% CI)", justify="right", no_wrap=True)
+    table.add_column("vs none at\nequal time", justify="right", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
-    table.add_column("frozen at end (layers / FLOPs)", justify="right")
-    table.add_column("peak memory", justify="right")
+    table.add_column("frozen at end\nlayers / FLOPs", justify="right", no_wrap=True)
+    table.add_column("peak\nmemory", justify="right", no_wrap=True)
     full = next((row for row in summary if row["variant"] == row["baseline"]), None)
     for point in frontier:
         if point["budget"] == 1.0:
             continue
         speedup = f"{full['median_train_seconds'] / point['median_train_seconds']:.2f}x" if full else "-"
         table.add_row(f"none@{point['budget']:g}", str(point["runs"]), _seconds(point["median_train_seconds"]),
-                      speedup, "", "", _accuracy_text(point["accuracy_mean"], point["accuracy_ci95"]), "",
-                      "(frontier)", "", "", style="dim")
+                      speedup, _accuracy_text(point["accuracy_mean"], point["accuracy_ci95"]), "", "(frontier)",
+                      "", "", style="dim")
     for row in summary:
         table.add_row(
             row["variant"],
             str(row["runs"]),
             _seconds(row["median_train_seconds"]),
-            f"{row['speedup']:.2f}x",
-            f"{row['cpu_speedup']:.2f}x",
-            f"{row['predicted_speedup']:.2f}x",
+            f"{row['speedup']:.2f}x / {row['cpu_speedup']:.2f}x / {row['predicted_speedup']:.2f}x",
             _accuracy_text(row["accuracy_mean"], row["accuracy_ci95"]),
             _delta_text(row),
             _verdict_text(row),

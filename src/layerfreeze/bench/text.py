@@ -115,8 +115,19 @@ def rotten_tomatoes() -> tuple[list[str], torch.Tensor]:
 def _pretrained() -> nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import BertModel
+    from transformers.utils import logging as hf_logging
 
-    return BertModel.from_pretrained(model_dir(), add_pooling_layer=False)
+    # Quiet: no progress bar, and no load report for the pretraining pooler, which this
+    # classifier leaves out on purpose (add_pooling_layer=False).
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return BertModel.from_pretrained(model_dir(), add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _pack(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
