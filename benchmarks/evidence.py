@@ -68,6 +68,7 @@ def load(path: Path) -> Optional[dict[str, Any]]:
 
 
 def records_of(document: dict[str, Any]) -> list[RunRecord]:
+    """The JSON's runs as the bench's records (ValueError for a run of another format)."""
     return [RunRecord.from_json(run) for run in document["runs"]]
 
 
@@ -184,11 +185,13 @@ def busy_note(records: Sequence[RunRecord], threads: int, device: str) -> Option
         return None
     return (f"The machine was busy with other work during these runs: the median run used {100 * share:.0f}% of "
             f"its {threads} threads' capacity, so wall times are inflated and noisier than on an idle machine "
-            "(the CPU-time speedup column is less affected). Equal-time comparisons stay paired by seed, each "
-            "seed's runs interleaved.")
+            "(the CPU-time speedup column is less affected), and a change of load between a seed's runs moves "
+            "them along the time axis, past its frontier. HINT: for figures to rely on, delete this bench.json "
+            "and run the command again on an idle machine.")
 
 
 def machine_line(environment: dict[str, Any], config: dict[str, Any]) -> str:
+    """Where the runs were measured: CPU model, CPUs and threads, GPU if any, torch and the rest."""
     cpu = environment.get("cpu") or f"{environment.get('processor', '?')} (CPU model not recorded)"
     parts = [f"CPU: {cpu}, {environment.get('cpu_count')} logical CPUs, {config.get('threads')} torch thread(s)"]
     if environment.get("gpu"):

@@ -229,6 +229,13 @@ def test_more_seeds_split_in_parts(tmp_path, capsys):
     assert "--seeds must be at least 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_study_without_a_gpu_fails_before_writing_anything(tmp_path, capsys):
+    assert study.main(["--task", "digits", "--device", "cuda", "--output-root", str(tmp_path)]) == 2
+    assert "--device cuda" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_runner_refuses_a_bad_part(capsys):
     with pytest.raises(SystemExit):
         study.main(["--task", "digits", "--part", "6/5", "--dry-run"])

@@ -285,3 +285,82 @@ def test_no_class_wide_patch(tmp_path):
     other = Trainer(model=tiny_bert(), args=_args(tmp_path), train_dataset=Tokens())
     assert "_load_optimizer_and_scheduler" not in vars(other)  # only the callback's own trainer is hooked
     assert "_load_optimizer_and_scheduler" in vars(trainer)
+
+
+# -- one callback, several runs --------------------------------------------------
+
+MLP_FROZEN = ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]  # 2 of 3 layers at the end
+
+
+def test_a_callback_given_to_a_second_trainer_freezes_that_trainers_model(tmp_path):
+    """The same callback object in a second Trainer (a notebook re-run, a sweep) follows the new
+    Trainer: its model freezes by the schedule, not the first Trainer's model again."""
+    callback = LayerFreezingCallback(freeze_start=0.5, interval="step")
+    first = _mlp_trainer(tmp_path / "first", [callback])
+    first.train()
+    assert _frozen(first.model) == MLP_FROZEN
+    second = _mlp_trainer(tmp_path / "second", [callback])
+    assert callback._trainer is second
+    second.train()
+    assert _frozen(second.model) == MLP_FROZEN
+    # depth 1 at step 18 ((18/24 - 0.5) / 0.5 of 2 layers), 2 at 24, in the second run's own log
+    assert _rows(second, lf.LAYERS_FROZEN) == [(18, 1), (24, 2)]
+    assert [g["params"] for g in second.optimizer.param_groups] and all(
+        p.requires_grad for g in second.optimizer.param_groups for p in g["params"])
+
+
+def test_train_again_with_model_init_freezes_the_new_model(tmp_path):
+    """Trainer(model_init=...) builds a new model and optimizer at each train(): the callback
+    attaches to them (it kept freezing the first model before)."""
+    callback = LayerFreezingCallback(freeze_start=0.5, interval="step")
+    args = _args(tmp_path, per_device_train_batch_size=1, num_train_epochs=1, learning_rate=0.05)
+    trainer = Trainer(model_init=Mlp, args=args, train_dataset=Rows(), callbacks=[callback])
+    trainer.train()
+    first = trainer.model
+    trainer.train()
+    assert trainer.model is not first
+    assert _frozen(trainer.model) == MLP_FROZEN
+    assert callback.freezing.frozen_parameters == MLP_FROZEN
+    assert _frozen(first) == []  # the previous run's model is released
+
+
+def test_callback_passed_as_a_class_and_by_add_callback(tmp_path):
+    """Transformers builds a callback passed as a class with its defaults (freeze_start=0.5,
+    interval='epoch': one decision at the end of this one-epoch run); add_callback binds at train()."""
+    as_class = _mlp_trainer(tmp_path / "class", [LayerFreezingCallback])
+    as_class.train()
+    assert _frozen(as_class.model) == MLP_FROZEN
+    added = _mlp_trainer(tmp_path / "added", [])
+    added.add_callback(LayerFreezingCallback(freeze_start=0.5, interval="step"))
+    added.train()
+    assert _rows(added, lf.LAYERS_FROZEN) == [(18, 1), (24, 2)]
+
+
+def test_a_trainer_subclass_and_seq2seq_trainer_resume_bit_identically(tmp_path):
+    """The callback finds a subclass of Trainer (Seq2SeqTrainer, a user's own with a new __init__)
+    and hooks its optimizer loading: resumed at step 12 of 24, the run ends as the full one."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    class Custom(Trainer):
+        def __init__(self, *args, note: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.note = note
+
+    def build(cls, folder, callback, **kwargs):
+        base = dict(output_dir=str(folder), per_device_train_batch_size=1, num_train_epochs=1, learning_rate=0.05,
+                    report_to=[], use_cpu=True, seed=3, disable_tqdm=True, logging_strategy="no",
+                    save_strategy="steps", save_steps=12)
+        arguments = (Seq2SeqTrainingArguments if cls is Seq2SeqTrainer else TrainingArguments)(**base)
+        extra = {"note": "mine"} if cls is Custom else {}
+        return cls(model=Mlp(), args=arguments, train_dataset=Rows(), callbacks=[callback], **extra)
+
+    for cls in (Custom, Seq2SeqTrainer):
+        folder = tmp_path / cls.__name__
+        full = build(cls, folder, LayerFreezingCallback(freeze_start=0.0, interval="step"))
+        full.train()
+        callback = LayerFreezingCallback(freeze_start=0.0, interval="step")
+        resumed = build(cls, folder, callback)
+        assert callback._trainer is resumed
+        resumed.train(resume_from_checkpoint=str(folder / "checkpoint-12"))
+        assert _frozen(resumed.model) == _frozen(full.model) == MLP_FROZEN
+        assert all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))

@@ -11,12 +11,13 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
 from .. import algorithm as _algorithm
 from .. import hints
+from ..encoder_cache import EncoderCache
 
 __all__ = ["LayerFreezingCallback", "STATE_FILE"]
 
@@ -87,6 +88,10 @@ def _before_optimizer_load(trainer: Trainer, hook: Callable[[str], None]) -> Non
     trainer._load_optimizer_and_scheduler = load_after_freezing
 
 
+def _optimizer(trainer: Trainer) -> Any:
+    return getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
+
+
 class LayerFreezingCallback(TrainerCallback):
     """Freeze the leading layers of the Trainer's model as training goes on.
 
@@ -101,58 +106,109 @@ class LayerFreezingCallback(TrainerCallback):
     it still logs. The state is saved as ``layerfreeze_state.pt`` in each checkpoint
     folder; on ``trainer.train(resume_from_checkpoint=...)`` it is applied right
     before the Trainer loads the optimizer state (see :func:`_before_optimizer_load`),
-    which needs the callback passed to ``Trainer(callbacks=[...])``.
+    which needs the callback passed to ``Trainer(callbacks=[...])``. Given to
+    another Trainer (or used by a ``train()`` that builds a new model through
+    ``model_init``), the callback starts a new freezing run on that model and
+    releases the previous one (unfrozen, as :meth:`layerfreeze.LayerFreezing.detach`).
 
     Args:
         freeze_start: fraction of training before freezing begins. Default 0.5.
         freeze_level: fraction of layers frozen at the end. Default 1.0.
+        cache: also cache the frozen prefix's output per example
+            (:class:`layerfreeze.EncoderCache` on the Trainer's model, built at the
+            start of training, ``examples`` set to the training set's size): True,
+            or a dict of ``EncoderCache`` arguments. It needs the frozen prefix in
+            eval mode, so ``dropout`` defaults to ``"eval"`` then. Default False.
         **options: any other :class:`layerfreeze.LayerFreezing` argument
             (``interval``, ``batchnorm``, ``policy``, ...).
+
+    Raises:
+        ValueError: for ``cache`` with ``dropout="train"``, or a ``cache`` that is
+            neither a bool nor a dict.
     """
 
-    def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0, **options: Any):
+    def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0, *,
+                 cache: Union[bool, Mapping[str, Any]] = False, **options: Any):
+        if not isinstance(cache, (bool, Mapping)):
+            raise ValueError(f"cache must be a bool or a dict of EncoderCache arguments, got {type(cache).__name__}")
+        if cache is not False:
+            if options.get("dropout", "eval") != "eval":
+                raise ValueError(
+                    f"cache needs the frozen prefix in eval mode, got dropout={options['dropout']!r}. "
+                    "HINT: drop the dropout argument (cache sets dropout='eval') or pass dropout='eval'"
+                )
+            options["dropout"] = "eval"
         self.freezing = _algorithm.LayerFreezing(freeze_start, freeze_level, **options)
+        self._cache_options: Optional[dict[str, Any]] = (
+            None if cache is False else {} if cache is True else dict(cache))  # type: ignore[arg-type]
+        #: the EncoderCache built at the start of training (None without ``cache``)
+        self.cache: Optional[EncoderCache] = None
         self._trainer: Optional[Trainer] = None
         self._attached = False
+        self._run: tuple[Any, Any] = (None, None)  # the model and optimizer it is attached to
         self._logged_depth = 0  # the depth in the last row this callback logged
         self._logged_step = -1  # and the step it was logged at
         self._log_pending = False  # log after the Trainer's row of this step
         self._logging = False
 
     # -- binding ------------------------------------------------------------
-    def _bind(self) -> Optional[Trainer]:
-        if self._trainer is None:
-            self._trainer = _firing_trainer(self)
-            if self._trainer is not None:
+    def _bind(self, *, firing: bool = False) -> Optional[Trainer]:
+        # firing=True at the events a Trainer fires once a run (init end, train begin): the
+        # Trainer firing them is looked up again, so a callback given to a new Trainer
+        # follows it instead of the one it served before.
+        if self._trainer is None or firing:
+            trainer = _firing_trainer(self)
+            if trainer is not None and trainer is not self._trainer:
+                self._trainer = trainer
                 try:
-                    _before_optimizer_load(self._trainer, self._load_checkpoint)
+                    _before_optimizer_load(trainer, self._load_checkpoint)
                 except RuntimeError as error:  # training from scratch still works
                     log.warning("layerfreeze: %s", error)
         return self._trainer
 
+    def _release_other_run(self, trainer: Trainer) -> None:
+        # A callback reused for another run (another Trainer, or train() again with
+        # model_init) starts a new freezing run on that run's model and optimizer; the
+        # previous model is released (unfrozen, hooks removed), as detach() does.
+        model, optimizer = self._run
+        if self._attached and (model is not trainer.model or optimizer is not _optimizer(trainer)):
+            self.freezing.detach()
+            self._attached = False
+
     def _attach(self, trainer: Trainer) -> None:
+        self._release_other_run(trainer)
         if not self._attached:
-            optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
+            optimizer = _optimizer(trainer)
             self.freezing.attach(trainer.model, optimizer, total_steps=trainer.state.max_steps)
             self._attached = True
-            self._logged_depth = self.freezing.frozen_depth
+            self._run = (trainer.model, optimizer)
+            self._logged_depth, self._logged_step = self.freezing.frozen_depth, -1
+            if self._cache_options is not None and (self.cache is None or self.cache.model is not trainer.model):
+                if self.cache is not None:
+                    self.cache.remove()  # a new run's model: the previous one's stored outputs are not its own
+                options = dict(self._cache_options)
+                dataset = trainer.train_dataset
+                if "examples" not in options and hasattr(dataset, "__len__") and len(dataset) > 0:
+                    options["examples"] = len(dataset)
+                self.cache = EncoderCache(trainer.model, **options)
 
     def _load_checkpoint(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, STATE_FILE)
         if os.path.isfile(path):
+            self._release_other_run(self._trainer)  # the state is this run's, not the previous one's
             self.freezing.load_state_dict(torch.load(path, weights_only=True))
             self._attach(self._trainer)
 
     # -- events -------------------------------------------------------------
     def on_init_end(self, args, state, control, **kwargs):
-        self._bind()
+        self._bind(firing=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        bound_before = self._trainer is not None
-        trainer = self._bind()
+        bound_before = self._trainer
+        trainer = self._bind(firing=True)
         if trainer is None:
             raise RuntimeError("LayerFreezingCallback must be used by a transformers.Trainer")
-        if not bound_before and state.global_step > 0:
+        if trainer is not bound_before and state.global_step > 0:
             log.warning(
                 "layerfreeze: LayerFreezingCallback was added after the Trainer was built, so a "
                 "checkpoint's frozen set could not be applied before the optimizer state loaded. "
