@@ -169,18 +169,6 @@ def limit_table(args: argparse.Namespace) -> list[list[str]]:
     return rows
 
 
-class FreezeAt(lf.policies.Policy):
-    """Freeze a fixed depth once ``start`` of training is done (the usual fine-tuning recipe)."""
-
-    def __init__(self, start: float, depth: int):
-        self.start, self.depth = start, depth
-
-    def decide(self, progress: lf.policies.Progress) -> tuple[int, float]:
-        if progress.current_duration <= self.start:
-            return 0, 0.0
-        return self.depth, self.depth / max(len(self.context.layers) - 1, 1)
-
-
 def fine_tune(args: argparse.Namespace, mode: str) -> tuple[float, float, Optional[PrefixCache]]:
     """One fine-tuning run; returns (seconds, final epoch's mean loss, cache)."""
     tokens, labels = dataset(args.examples, 128, args.seed)
@@ -193,7 +181,8 @@ def fine_tune(args: argparse.Namespace, mode: str) -> tuple[float, float, Option
     freezing = None
     if mode != "none":
         depth = depth_at_cut(lf.definition_order(model, "owner"), stages, args.finetune_cut)
-        freezing = lf.LayerFreezing(policy=FreezeAt(args.freeze_start, depth), interval="epoch", unit="owner")
+        policy = lf.policies.FixedDepth(depth, start=args.freeze_start)
+        freezing = lf.LayerFreezing(policy=policy, interval="epoch", unit="owner")
         freezing.attach(model, opt, total_steps=total, steps_per_epoch=steps_per_epoch)
         first_forward(model, tokens[: args.batch])
     cache = PrefixCache(stages, max_bytes=args.max_mib << 20) if mode == "cache" else None

@@ -169,7 +169,7 @@ def test_refuses_nondeterministic_prefix_unless_allowed(make):
     prefix = nn.Sequential(nn.Linear(5, 6), make()).requires_grad_(False)
     model = nn.Sequential(prefix, nn.Linear(6, 2))
     x, keys = data()
-    with pytest.raises(RuntimeError, match=r"not deterministic: stages\[0\]\.1 .*HINT"):
+    with pytest.raises(RuntimeError, match=r"not deterministic: stages\[0\]\.1 .*HINT: .*LayerFreezing\(dropout='eval'"):
         PrefixCache(model)(x, keys)
     PrefixCache(model, allow_nondeterministic=True)(x, keys)
     prefix.eval()
@@ -261,3 +261,15 @@ def test_spilled_entries_advance_to_a_deeper_cut(tmp_path):
     assert cache.advanced == 8 and len(cache) == 8
     assert torch.equal(cache.prefix(x, keys), cache.prefix(x, keys)) and cache.hits == 16
     cache.close()
+
+
+def test_dropout_pinned_by_layer_freezing_is_accepted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.5)), nn.Linear(6, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezing = lf.LayerFreezing(dropout="eval").attach(model, opt, total_steps=10)
+    freezing.set_depth(1)
+    model.train()
+    cache = PrefixCache(model)
+    x, keys = data()
+    assert torch.equal(cache(x, keys), model(x)) and cache.cut == 1

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import layerfreeze as lf
-from layerfreeze.policies import Convergence, FreezeOut, GradientChange, Linear, Policy
+from layerfreeze.policies import Convergence, FixedDepth, FreezeOut, GradientChange, Linear, Policy
 
 from conftest import ConvBN, Swapped, TinyEncoder, batch_for, mlp
 
@@ -27,10 +27,11 @@ def make_policy(name: str) -> Policy:
         "gradient": lambda: GradientChange(every=2, percentile=90.0),
         "gradient_sampled": lambda: GradientChange(every=4, percentile=90.0, samples=2),
         "convergence": lambda: Convergence(threshold=0.9999, every=2, max_samples=8),
+        "fixed": lambda: FixedDepth(2, start=0.25),
     }[name]()
 
 
-POLICIES = ["linear", "freezeout", "freezeout_linear", "gradient", "gradient_sampled", "convergence"]
+POLICIES = ["linear", "freezeout", "freezeout_linear", "gradient", "gradient_sampled", "convergence", "fixed"]
 MODELS = {"mlp": lambda: mlp(5, 6), "convbn": ConvBN, "encoder": TinyEncoder, "swapped": Swapped}
 
 

@@ -228,7 +228,8 @@ def test_freezing_state_round_trips_and_is_what_state_dict_returns():
     assert (checked.step, checked.epoch, checked.depth, checked.fraction, checked.changes) == (6, 3, 3, 0.75, 3)
     assert checked.layers == ("features.0", "features.1", "features.3", "features.4", "head")
     assert checked.traced is True and checked.policy == {}
-    assert checked.config == {"interval": "epoch", "order": "definition", "batchnorm": "train", "shared": "freeze",
+    assert checked.config == {"interval": "epoch", "order": "definition", "batchnorm": "train", "dropout": "train",
+                              "shared": "freeze",
                               "unit": "leaf", "total_steps": 8, "policy": "Linear", "freeze_start": 0.0,
                               "freeze_level": 1.0, "measure": "layers"}
     assert checked.to_dict() == state

@@ -22,6 +22,7 @@ from .algorithm import LAYERS_FROZEN, PARAMS_FROZEN, PERCENTAGE_FROZEN, LayerFre
 from .freezer import Freezer, freeze_parameters
 from .functional import freeze_layers
 from .cache import PrefixCache
+from .encoder_cache import EncoderCache
 from .layers import Layer, definition_order, execution_order, layer_flops
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "policies",
     "cache",
     "PrefixCache",
+    "EncoderCache",
     "Freezer",
     "freeze_parameters",
     "Layer",

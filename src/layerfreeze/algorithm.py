@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import distributed, hints, recompiles
-from .freezer import BATCHNORM_MODES, SHARED_RULES, Freezer, validate_model, validate_optimizers
+from .freezer import BATCHNORM_MODES, DROPOUT_MODES, SHARED_RULES, Freezer, validate_model, validate_optimizers
 from .gradient_bridge import GradientBridge
 from .layers import UNITS, ExecutionTracer, Layer, definition_order, execution_order, layer_flops
 from .policies import Context, Linear, Policy, Progress
@@ -84,6 +84,13 @@ class LayerFreezing:
         batchnorm: ``"train"`` lets frozen BatchNorm layers keep updating their
             running statistics (Composer); ``"eval"`` pins them in eval mode, even
             through ``model.train()``.
+        dropout: ``"train"`` (Composer) leaves frozen layers' dropout as the model's
+            mode has it; ``"eval"`` runs the frozen prefix in eval mode, even
+            through ``model.train()`` (every module whose parameters are all frozen,
+            and dropout modules defined before the first trainable layer). Its
+            output then depends on the input alone, which caching it needs
+            (:class:`layerfreeze.EncoderCache`); it also stops dropout noise on the
+            trainable layers' inputs. Keyword argument (last in the signature).
         shared: rule for a parameter held by several layers (tied weights):
             ``"freeze"`` (Composer) freezes it with the first frozen layer holding it;
             ``"trainable"`` keeps it trainable while any holder is trainable.
@@ -122,6 +129,7 @@ class LayerFreezing:
         measure: str = "layers",
         max_changes: Optional[int] = None,
         log_fn: Optional[Callable[[dict[str, float]], None]] = None,
+        dropout: str = "train",
     ):
         if policy is None:
             policy = Linear(freeze_start, freeze_level, measure)
@@ -140,6 +148,7 @@ class LayerFreezing:
         self.interval = check_choice("interval", interval, INTERVALS)
         self.order = check_choice("order", order, ORDERS)
         self.batchnorm = check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
+        self.dropout = check_choice("dropout", dropout, DROPOUT_MODES)
         self.shared = check_choice("shared", shared, SHARED_RULES)
         self.unit = check_choice("unit", unit, UNITS)
         self.max_changes = check_int("max_changes", max_changes, optional=True)
@@ -233,7 +242,8 @@ class LayerFreezing:
 
             self._reset_run()
             self._wrapper = model
-            self._freezer = Freezer(inner, optimizer_list, layers, batchnorm=self.batchnorm, shared=self.shared)
+            self._freezer = Freezer(inner, optimizer_list, layers, batchnorm=self.batchnorm, shared=self.shared,
+                                   dropout=self.dropout)
             self._context = context
             self.total_steps = total_steps
             self.steps_per_epoch = steps_per_epoch
@@ -489,7 +499,7 @@ class LayerFreezing:
 
     def _settings(self) -> dict[str, Any]:
         return {"interval": self.interval, "order": self.order, "batchnorm": self.batchnorm,
-                "shared": self.shared, "unit": self.unit}
+                "dropout": self.dropout, "shared": self.shared, "unit": self.unit}
 
     def _load(self, state: FreezingState) -> None:
         # Checks first, against this model and policy; then the changes, none of which can fail.
@@ -499,7 +509,7 @@ class LayerFreezing:
         settings = self._settings()
         hints.warn_other_settings(
             dict(state.config),
-            {key: settings[key] for key in ("interval", "order", "batchnorm")} | self.policy.describe(),
+            {key: settings[key] for key in ("interval", "order", "batchnorm", "dropout")} | self.policy.describe(),
             self.total_steps,
         )
         self.policy.apply_state(policy_state)

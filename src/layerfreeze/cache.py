@@ -111,6 +111,77 @@ class _DiskStore:
             self.path.unlink(missing_ok=True)
 
 
+class _Store:
+    """Per-key tensors (each tagged with the cut it was computed at) in memory up to a bound, then on disk.
+
+    Nothing is evicted: with epochs that visit every example once, eviction would
+    only trade one miss for another. A key that fits nowhere is dropped (and
+    recomputed on its next use).
+    """
+
+    def __init__(self, max_bytes: int, spill_dir: Optional[Path]):
+        self.max_bytes = max_bytes
+        self.spill_dir = spill_dir
+        self.memory: dict[Hashable, tuple[int, torch.Tensor]] = {}
+        self.disk: Optional[_DiskStore] = None
+        self.nbytes = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self.memory) + (len(self.disk.index) if self.disk is not None else 0)
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.disk.nbytes if self.disk is not None else 0
+
+    def room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more can be stored (in memory, or on disk when spilling)."""
+        return self.spill_dir is not None or self.nbytes + nbytes <= self.max_bytes
+
+    def get(self, key: Hashable, device: torch.device) -> Optional[tuple[int, torch.Tensor]]:
+        entry = self.memory.get(key)
+        if entry is None and self.disk is not None:
+            entry = self.disk.get(key, device)
+        return entry
+
+    def put(self, key: Hashable, cut: int, row: torch.Tensor) -> None:
+        old = self.memory.get(key)
+        if old is not None and old[0] == cut or self.disk is not None and self.disk.index.get(key, (None,))[0] == cut:
+            return  # a key repeated in one batch
+        if old is not None:
+            self.nbytes -= old[1].nelement() * old[1].element_size()
+            del self.memory[key]
+        size = row.nelement() * row.element_size()
+        if self.nbytes + size <= self.max_bytes:
+            self.memory[key] = (cut, row.detach().clone())
+            self.nbytes += size
+            if self.disk is not None:
+                self.disk.index.pop(key, None)
+            return
+        if self.spill_dir is not None:
+            if self.disk is None:
+                self.disk = _DiskStore(self.spill_dir)
+                log.info("layerfreeze: prefix cache is full (max_bytes=%d); spilling to %s",
+                         self.max_bytes, self.disk.path)
+            self.disk.put(key, cut, row)
+            return
+        if self.disk is not None:
+            self.disk.index.pop(key, None)
+        self.dropped += 1
+
+    def clear(self) -> None:
+        self.memory.clear()
+        self.nbytes = 0
+        if self.disk is not None:
+            self.disk.clear()
+
+    def close(self) -> None:
+        self.clear()
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
+
+
 def _check_stages(stages: object) -> list[nn.Module]:
     if isinstance(stages, nn.Module) and not isinstance(stages, nn.Sequential):
         raise TypeError(
@@ -197,9 +268,7 @@ class PrefixCache:
         # key -> (cut the output was computed at, output). Entries of an earlier,
         # shallower cut stay valid when the cut moves deeper: they are advanced
         # through the newly frozen stages on their next use.
-        self._memory: dict[Hashable, tuple[int, torch.Tensor]] = {}
-        self._disk: Optional[_DiskStore] = None
-        self.nbytes = 0
+        self._store = _Store(max_bytes, self.spill_dir)
         self.hits = 0
         self.misses = 0
         self.advanced = 0
@@ -221,12 +290,17 @@ class PrefixCache:
         return cut
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of cached outputs held in memory (at most ``max_bytes``)."""
+        return self._store.nbytes
+
+    @property
     def disk_bytes(self) -> int:
         """Bytes spilled to ``spill_dir``."""
-        return self._disk.nbytes if self._disk is not None else 0
+        return self._store.disk_bytes
 
     def __len__(self) -> int:
-        return len(self._memory) + (len(self._disk.index) if self._disk is not None else 0)
+        return len(self._store)
 
     # -- use ---------------------------------------------------------------
     def __call__(self, inputs: Inputs, keys: Union[torch.Tensor, Sequence[Hashable]]) -> torch.Tensor:
@@ -310,18 +384,13 @@ class PrefixCache:
 
     def invalidate(self) -> None:
         """Drop every cached output (done by itself when the cut moves back or a frozen weight changes)."""
-        self._memory.clear()
-        self.nbytes = 0
-        if self._disk is not None:
-            self._disk.clear()
+        self._store.clear()
         self.hits = self.misses = self.advanced = 0
 
     def close(self) -> None:
         """Drop everything and delete the spill file."""
         self.invalidate()
-        if self._disk is not None:
-            self._disk.close()
-            self._disk = None
+        self._store.close()
 
     def __del__(self) -> None:  # the spill file must not outlive the cache
         try:
@@ -354,8 +423,8 @@ class PrefixCache:
             raise RuntimeError(
                 f"PrefixCache refuses to cache a prefix that is not deterministic: {shown} "
                 "(dropout or BatchNorm in training mode) would give a different output than the cached one. "
-                "HINT: put the frozen stages in eval mode (LayerFreezing(batchnorm='eval') pins frozen "
-                "BatchNorm layers), or pass allow_nondeterministic=True to cache anyway"
+                "HINT: run the frozen stages in eval mode: LayerFreezing(dropout='eval', batchnorm='eval') "
+                "keeps frozen layers there through model.train(); or pass allow_nondeterministic=True to cache anyway"
             )
 
     def _run_prefix(self, args: tuple[torch.Tensor, ...], cut: int) -> torch.Tensor:
@@ -370,31 +439,8 @@ class PrefixCache:
         return hidden
 
     def _lookup(self, key: Hashable, device: torch.device) -> Optional[tuple[int, torch.Tensor]]:
-        entry = self._memory.get(key)
-        if entry is None and self._disk is not None:
-            entry = self._disk.get(key, device)
-        return entry
+        return self._store.get(key, device)
 
     def _store_rows(self, keys: Sequence[Hashable], cut: int, computed: torch.Tensor) -> None:
         for key, row in zip(keys, computed):
-            old = self._memory.get(key)
-            if old is not None and old[0] == cut or self._disk is not None and self._disk.index.get(
-                    key, (None,))[0] == cut:
-                continue  # a key repeated in one batch
-            if old is not None:
-                self.nbytes -= old[1].nelement() * old[1].element_size()
-                del self._memory[key]
-            size = row.nelement() * row.element_size()
-            if self.nbytes + size <= self.max_bytes:
-                self._memory[key] = (cut, row.clone())
-                self.nbytes += size
-                if self._disk is not None:
-                    self._disk.index.pop(key, None)
-            elif self.spill_dir is not None:
-                if self._disk is None:
-                    self._disk = _DiskStore(self.spill_dir)
-                    log.info("layerfreeze: prefix cache is full (max_bytes=%d); spilling to %s",
-                             self.max_bytes, self._disk.path)
-                self._disk.put(key, cut, row)
-            elif self._disk is not None:
-                self._disk.index.pop(key, None)
+            self._store.put(key, cut, row)

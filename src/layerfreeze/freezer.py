@@ -23,11 +23,12 @@ from .layers import Layer, iter_unique, parameter_names, unwrap_model
 from .optimizers import check_references, group_pairs, set_group
 from .optimizers import sync as sync_optimizer
 
-__all__ = ["Freezer", "freeze_parameters", "names_for_depth", "BATCHNORM_MODES", "SHARED_RULES"]
+__all__ = ["Freezer", "freeze_parameters", "names_for_depth", "BATCHNORM_MODES", "DROPOUT_MODES", "SHARED_RULES"]
 
 log = logging.getLogger("layerfreeze")
 
 BATCHNORM_MODES = ("train", "eval")
+DROPOUT_MODES = ("train", "eval")
 SHARED_RULES = ("freeze", "trainable")
 
 
@@ -176,6 +177,8 @@ class Freezer:
         shared: ``"freeze"`` freezes a parameter shared by several layers as soon
             as one of them is frozen (Composer); ``"trainable"`` keeps it trainable
             while any layer holding it is still trainable.
+        dropout: ``"train"`` leaves the frozen prefix's mode alone; ``"eval"`` pins
+            it to eval mode (see :meth:`_update_dropout`).
     """
 
     def __init__(
@@ -186,12 +189,15 @@ class Freezer:
         *,
         batchnorm: str = "train",
         shared: str = "freeze",
+        dropout: str = "train",
     ):
         self.model = unwrap_model(model)
         self.optimizers = list(optimizers)
         self.layers = list(layers)
         self.batchnorm = batchnorm
         self.shared = shared
+        self.dropout = dropout
+        self._eval_pinned: list[nn.Module] = []
         self._by_name = dict(self.model.named_parameters())
         self._original_requires_grad = {n: p.requires_grad for n, p in self._by_name.items()}
         self._trainable = {n for n, flag in self._original_requires_grad.items() if flag}
@@ -264,6 +270,7 @@ class Freezer:
         self._frozen = set(target)
         self.depth = depth
         self._update_batchnorm()
+        self._update_dropout()
         self._update_attention()
         return changed
 
@@ -320,6 +327,46 @@ class Freezer:
                 module.training = False
                 self._pinned.append(module)
 
+    def _update_dropout(self) -> None:
+        # dropout="eval": the frozen prefix runs in eval mode, whatever mode a
+        # trainer asks for (the HF Trainer calls model.train() at every step), so
+        # its output is a function of the input alone, as a cache of it needs
+        # (cache.py, encoder_cache.py). Pinned: every largest module whose
+        # parameters are all frozen (eval reaches code that reads the flag itself,
+        # like Hugging Face attention's dropout), and parameterless dropout modules
+        # defined before the first trainable layer.
+        for module in self._eval_pinned:
+            module.__dict__.pop("train", None)
+            type(module).train(module, self.model.training)
+        self._eval_pinned = []
+        if self.dropout != "eval" or not self._frozen:
+            return
+        frozen = {id(self._by_name[name]) for name in self._frozen}
+        roots: list[nn.Module] = []
+
+        def visit(module: nn.Module) -> None:
+            params = list(module.parameters())
+            if params and all(id(p) in frozen for p in params):
+                roots.append(module)
+            else:
+                for child in module.children():
+                    visit(child)
+
+        visit(self.model)
+        inside = {id(m) for root in roots for m in root.modules()}
+        first = self.layers[self.depth].module if self.depth < len(self.layers) else None
+        for module in self.model.modules():
+            if module is first:
+                break
+            if isinstance(module, nn.modules.dropout._DropoutNd) and id(module) not in inside:
+                roots.append(module)
+        for module in roots:
+            own = module.__dict__.get("train")
+            if own is None or isinstance(own, _EvalPin):
+                type(module).train(module, False)
+                module.__dict__["train"] = _EvalPin(module)
+                self._eval_pinned.append(module)
+
     def _update_attention(self) -> None:
         # Keep frozen attention as fast as it was trainable (see _relaid_attention_forward).
         for name, module in self._attention.items():
@@ -330,7 +377,7 @@ class Freezer:
                 self._relaid.pop(name).__dict__.pop("forward", None)
 
     def release(self) -> None:
-        """Unfreeze everything, unpin BatchNorm layers and restore frozen attention's own forward."""
+        """Unfreeze everything, unpin BatchNorm layers and the eval-mode prefix, restore frozen attention's own forward."""
         self.apply_names(set(), 0)
 
 

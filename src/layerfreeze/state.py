@@ -49,7 +49,7 @@ FORMAT = 1
 
 T = TypeVar("T")
 
-_CONFIG_CHOICES = ("interval", "order", "batchnorm", "shared", "unit")
+_CONFIG_CHOICES = ("interval", "order", "batchnorm", "dropout", "shared", "unit")
 
 
 def _shown(value: Any) -> str:

@@ -76,6 +76,32 @@ class Plan:
         """Predicted speedup over the whole run, ``1 / (1 - saving)``."""
         return 1.0 / (1.0 - self.saving)
 
+    def cached_step_costs(self) -> Optional[list[float]]:
+        """Predicted cost of each step with the frozen prefix cached (EncoderCache, PrefixCache).
+
+        A step at frozen share f costs ``3(1 - f)`` for the trainable part, plus a
+        forward over the part of the prefix its examples have no stored output for.
+        Each example was last seen one epoch before, at a step spread evenly over
+        that epoch (shuffled data), where the stored share was that step's; in the
+        first epoch nothing is stored. None without ``steps_per_epoch``.
+        """
+        epoch = self.steps_per_epoch
+        if not epoch:
+            return None
+        shares = [self.prefix_share(d) for d in self.depth_per_step]
+        costs = []
+        for step, share in enumerate(shares):
+            before = shares[step - epoch - step % epoch: step - step % epoch] if step >= epoch else []
+            stored = sum(min(share, s) for s in before) / len(before) if before else 0.0
+            costs.append(3.0 * (1.0 - share) + (share - stored))
+        return costs
+
+    @property
+    def cached_saving(self) -> Optional[float]:
+        """Run-average share of compute saved with the frozen prefix cached (None without epochs)."""
+        costs = self.cached_step_costs()
+        return 1.0 - sum(costs) / (3.0 * len(costs)) if costs else None
+
 
 def make_plan(model: nn.Module, example: Any, *, freeze_start: float, freeze_level: float, interval: str,
               order: str, unit: str, measure: str, steps: int, steps_per_epoch: Optional[int]) -> Plan:
@@ -167,8 +193,17 @@ def summary_line(plan: Plan, model_name: str) -> str:
         f"{_count(plan.total_flops)}FLOPs forward per example. Over {plan.steps} steps up to {frozen_final} "
         f"layers ({100 * plan.prefix_share(frozen_final):.0f}% of forward FLOPs) freeze; predicted compute "
         f"saving {100 * plan.saving:.1f}% (speedup {plan.speedup:.2f}x), counting a step as 1 + 2(1 - f) "
-        f"forward passes with f the frozen share."
+        f"forward passes with f the frozen share." + _cached_line(plan)
     )
+
+
+def _cached_line(plan: Plan) -> str:
+    saving = plan.cached_saving
+    if saving is None:
+        return " With the frozen prefix cached: pass --steps-per-epoch for a prediction."
+    return (f" With the frozen prefix cached (fixed inputs; EncoderCache or PrefixCache): saving {100 * saving:.1f}% "
+            f"(speedup {1 / (1 - saving):.2f}x), a step costing 3(1 - f) once its examples' prefix is stored "
+            "(the first epoch after a freeze computes it).")
 
 
 def plot_plan(plan: Plan, path: str, title: str) -> None:

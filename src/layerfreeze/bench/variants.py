@@ -206,3 +206,18 @@ register("freezeout", _freezeout, "FreezeOut: per-layer cosine LR to zero, then 
 register("gradient", _gradient, "GradientChange (AutoFreeze): every max(5, steps/12) steps, percentile=50")
 register("convergence", _convergence,
          "Convergence (linear CKA on a probe batch): threshold=0.99, every max(5, steps/12) steps")
+
+
+def _fixed_cache(interval: str = "epoch") -> LayerFreezing:
+    # The fastest fine-tuning setting of docs/performance.md (issue 11): 70% of the
+    # layers (on MiniLM: the embeddings and the first four of six blocks) frozen from
+    # the first decision on, never changed again, their outputs cached; dropout and
+    # BatchNorm in eval mode there.
+    from ..policies import FixedDepth
+
+    return LayerFreezing(policy=FixedDepth(fraction=0.7), interval="step", dropout="eval", batchnorm="eval",
+                         max_changes=1)
+
+
+register("fixed0.7-cache", _fixed_cache, "70% of the layers (MiniLM: embeddings + 4 of 6 blocks) frozen after the "
+         "first step, never changed, and cached (docs/performance.md, fine-tuning)", cache=True)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
 from .. import algorithm as _algorithm
 from .. import hints
+from ..encoder_cache import EncoderCache
 
 __all__ = ["LayerFreezingCallback", "STATE_FILE"]
 
@@ -113,12 +114,35 @@ class LayerFreezingCallback(TrainerCallback):
     Args:
         freeze_start: fraction of training before freezing begins. Default 0.5.
         freeze_level: fraction of layers frozen at the end. Default 1.0.
+        cache: also cache the frozen prefix's output per example
+            (:class:`layerfreeze.EncoderCache` on the Trainer's model, built at the
+            start of training, ``examples`` set to the training set's size): True,
+            or a dict of ``EncoderCache`` arguments. It needs the frozen prefix in
+            eval mode, so ``dropout`` defaults to ``"eval"`` then. Default False.
         **options: any other :class:`layerfreeze.LayerFreezing` argument
             (``interval``, ``batchnorm``, ``policy``, ...).
+
+    Raises:
+        ValueError: for ``cache`` with ``dropout="train"``, or a ``cache`` that is
+            neither a bool nor a dict.
     """
 
-    def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0, **options: Any):
+    def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0, *,
+                 cache: Union[bool, Mapping[str, Any]] = False, **options: Any):
+        if not isinstance(cache, (bool, Mapping)):
+            raise ValueError(f"cache must be a bool or a dict of EncoderCache arguments, got {type(cache).__name__}")
+        if cache is not False:
+            if options.get("dropout", "eval") != "eval":
+                raise ValueError(
+                    f"cache needs the frozen prefix in eval mode, got dropout={options['dropout']!r}. "
+                    "HINT: drop the dropout argument (cache sets dropout='eval') or pass dropout='eval'"
+                )
+            options["dropout"] = "eval"
         self.freezing = _algorithm.LayerFreezing(freeze_start, freeze_level, **options)
+        self._cache_options: Optional[dict[str, Any]] = (
+            None if cache is False else {} if cache is True else dict(cache))  # type: ignore[arg-type]
+        #: the EncoderCache built at the start of training (None without ``cache``)
+        self.cache: Optional[EncoderCache] = None
         self._trainer: Optional[Trainer] = None
         self._attached = False
         self._run: tuple[Any, Any] = (None, None)  # the model and optimizer it is attached to
@@ -159,6 +183,14 @@ class LayerFreezingCallback(TrainerCallback):
             self._attached = True
             self._run = (trainer.model, optimizer)
             self._logged_depth, self._logged_step = self.freezing.frozen_depth, -1
+            if self._cache_options is not None and (self.cache is None or self.cache.model is not trainer.model):
+                if self.cache is not None:
+                    self.cache.remove()  # a new run's model: the previous one's stored outputs are not its own
+                options = dict(self._cache_options)
+                dataset = trainer.train_dataset
+                if "examples" not in options and hasattr(dataset, "__len__") and len(dataset) > 0:
+                    options["examples"] = len(dataset)
+                self.cache = EncoderCache(trainer.model, **options)
 
     def _load_checkpoint(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, STATE_FILE)
