@@ -35,6 +35,7 @@ RUN = {
     "frozen_depth_end": int, "frozen_layer_share_end": NUMBER, "frozen_flops_share_end": NUMBER,
     "params_frozen_end": int, "depth_changes": [[int]], "predicted_speedup": NUMBER, "budget": NUMBER,
     "peak_memory_bytes": (int, type(None)), "cache_hits": (int, type(None)), "cache_misses": (int, type(None)),
+    "cache_advanced": (int, type(None)),
 }
 OPTIONAL_NUMBER = (int, float, type(None))
 SUMMARY = {
