@@ -197,6 +197,15 @@ def test_bench_command_of_a_study():
         "--test-size", "1000", "--no-progress"]
 
 
+def test_fine_tuning_slot_holds_issue_11s_setting(capsys):
+    assert study.fine_tuning_registered()
+    assert study.main(["--task", "rotten-tomatoes", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert ",convergence,fixed0.7-cache --device cpu " in err and "note:" not in err
+    assert study.main(["--task", "digits", "--dry-run"]) == 0
+    assert "fixed0.7-cache" not in capsys.readouterr().err
+
+
 def test_gpu_results_go_to_their_own_folder():
     assert study.output_dir("digits", "cpu", "docs/evidence") == "docs/evidence/digits"
     assert study.output_dir("digits", "cuda", "docs/evidence") == "docs/evidence/gpu/digits"

@@ -337,3 +337,33 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
         warnings.simplefilter("ignore")
         exec(compile(re.findall(r"```python\n(.*?)```", section, re.S)[0], "README.md", "exec"), {})
     assert capsys.readouterr().out.endswith("True\n")
+
+
+def test_one_algorithm_applied_to_several_states_freezes_each_by_its_own_timestamp():
+    """Composer's algorithm keeps no state, so one object serves any State; ours attaches to each
+    State it is applied to (it kept freezing the first State's model before)."""
+    from unittest.mock import Mock
+
+    from composer.core import Event
+
+    algorithm = LayerFreezing(0.05)
+    frozen = lambda s: sorted(n for n, p in s.model.named_parameters() if not p.requires_grad)  # noqa: E731
+    layers = {80: [0, 2, 4], 100: [0, 2, 4, 6, 8], 10: []}  # int((e/100 - 0.05) / 0.95 * 5) layers
+    for epoch, frozen_layers in layers.items():
+        state = _state(epoch)
+        algorithm.apply(Event.EPOCH_END, state, Mock())
+        assert frozen(state) == [f"module.{i}.{k}" for i in frozen_layers for k in ("bias", "weight")], epoch
+
+
+def test_one_algorithm_in_two_trainers_freezes_the_second_trainers_model():
+    algorithm = LayerFreezing(0.25)
+    first = _trainer([algorithm])
+    first.fit()
+    expected = [f"module.{i}.{k}" for i in (0, 2, 4, 6, 8) for k in ("bias", "weight")]
+    assert _frozen(first) == expected
+    logger = InMemoryLogger()
+    second = _trainer([algorithm], loggers=[logger])
+    second.fit()
+    assert _history(logger)[lf.LAYERS_FROZEN] == [0, 1, 3, 5]  # the second run's own schedule
+    assert _frozen(second) == expected
+    assert _frozen(first) == []  # the first run is released

@@ -234,3 +234,40 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     exec(compile(_readme_code("Lightning"), "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "['net.0.weight', 'net.0.bias', 'net.2.weight', 'net.2.bias']\n" in out and out.endswith("True\n")
+
+
+def test_a_callback_used_for_a_second_fit_freezes_that_fits_model(tmp_path):
+    """One callback object in two fits (new Trainer, new module): the second module freezes by the
+    schedule (before, the callback kept acting on the first module and the second trained unfrozen)."""
+    callback = LayerFreezingCallback(freeze_start=0.25)
+    first = Module(_net())
+    _trainer(tmp_path, [callback]).fit(first, _loader())
+    frozen = [f"net.{i}.{k}" for i in (0, 2, 4, 6, 8) for k in ("bias", "weight")]
+    assert _frozen(first) == frozen
+    recorder, second = Recorder(), Module(_net())
+    _trainer(tmp_path, [callback], logger=recorder, log_every_n_steps=1).fit(second, _loader())
+    assert recorder.values(lf.LAYERS_FROZEN) == [0, 1, 3, 5]  # the second run's own schedule, from step 0
+    assert _frozen(second) == frozen
+    assert _frozen(first) == []  # the previous run is released
+    optimizer = second.trainer.optimizers[0]
+    assert [p for g in optimizer.param_groups for p in g["params"]] == [second.net[10].weight, second.net[10].bias]
+
+
+def test_a_reused_callback_resumes_the_second_fit_from_its_checkpoint(tmp_path):
+    """The second fit resumes from a checkpoint: its saved frozen set, not the first fit's, applies."""
+    checkpoint = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    _trainer(tmp_path, [LayerFreezingCallback(freeze_start=0.25), checkpoint], enable_checkpointing=True).fit(
+        Module(_net()), _loader())
+    callback = LayerFreezingCallback(freeze_start=0.25)
+    _trainer(tmp_path, [callback]).fit(Module(_net()), _loader())  # a whole run first: 5 layers frozen
+    resumed = Module(_net())
+    starts = []
+
+    class AtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            starts.append(_frozen(pl_module))
+
+    _trainer(tmp_path, [callback, AtStart()]).fit(resumed, _loader(), ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
+    # saved after epoch 2 of 4 (step 8 of 16): int((0.5 - 0.25) / 0.75 * 5) = 1 layer
+    assert starts == [["net.0.bias", "net.0.weight"]]
+    assert _frozen(resumed) == [f"net.{i}.{k}" for i in (0, 2, 4, 6, 8) for k in ("bias", "weight")]

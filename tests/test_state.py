@@ -3,6 +3,7 @@
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -243,6 +244,8 @@ def test_freezing_state_round_trips_and_is_what_state_dict_returns():
     (lambda s: s.update(layers=["a", 3]), r"^state_dict\.layers must be a list of names, got \['a', 3\]$"),
     (lambda s: s.update(traced="yes"), r"^state_dict\.traced must be a bool, got 'yes'$"),
     (lambda s: s.update(config=[1]), r"^state_dict\.config must be a dict, got list$"),
+    (lambda s: s.update(config=torch.tensor([1.0, 2.0])), r"^state_dict\.config must be a dict, got Tensor$"),
+    (lambda s: s.update(config=np.array([1, 2])), r"^state_dict\.config must be a dict, got ndarray$"),
     (lambda s: s["config"].update(unit=["leaf"]), r"^state_dict\.config\.unit must be a str, got \['leaf'\]$"),
     (lambda s: s["config"].update(total_steps=-8), r"^state_dict\.config\.total_steps must be a non-negative int"),
     (lambda s: s.update(format=2), r"^state_dict format 2 is not supported \(expected 1\)$"),

@@ -166,7 +166,8 @@ class FreezingState:
         traced = state.get("traced", True)
         if not isinstance(traced, bool):
             raise ValueError(f"{path}.traced must be a bool, got {_shown(traced)}")
-        config = field_mapping(state.get("config") or {}, f"{path}.config")
+        config = state.get("config")  # not `or {}`: the truth of an array or tensor is an error of its own
+        config = field_mapping({} if config is None else config, f"{path}.config")
         for key in _CONFIG_CHOICES:
             if key in config and not isinstance(config[key], str):
                 raise ValueError(f"{path}.config.{key} must be a str, got {_shown(config[key])}")

@@ -121,6 +121,7 @@ class RunRecord:
     peak_memory_bytes: Optional[int] = None
     cache_hits: Optional[int] = None
     cache_misses: Optional[int] = None
+    cache_advanced: Optional[int] = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -285,9 +286,9 @@ def run_one(ref: ModelRef, data: Dataset, variant: Variant, seed: int, settings:
         from ..layers import definition_order
 
         layers, shares, params_frozen = definition_order(model), [0.0], 0
-    hits = misses = None
+    hits = misses = advanced = None
     if cache is not None:
-        hits, misses = cache.hits, cache.misses
+        hits, misses, advanced = cache.hits, cache.misses, cache.advanced
         cache.close()
     end_depth = depths[-1] if depths else 0
     return RunRecord(
@@ -300,7 +301,7 @@ def run_one(ref: ModelRef, data: Dataset, variant: Variant, seed: int, settings:
         frozen_flops_share_end=shares[end_depth] if end_depth < len(shares) else 0.0,
         params_frozen_end=params_frozen, depth_changes=_compress(depths),
         predicted_speedup=predicted_speedup(depths, shares) if freezing is not None else 1.0,
-        budget=budget, peak_memory_bytes=peak, cache_hits=hits, cache_misses=misses,
+        budget=budget, peak_memory_bytes=peak, cache_hits=hits, cache_misses=misses, cache_advanced=advanced,
     )
 
 

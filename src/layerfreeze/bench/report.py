@@ -40,7 +40,8 @@ Results JSON (``bench.json``, format ``"layerfreeze-bench/2"``)::
          "depth_changes": [[1, 0], [37, 8], ...], # [first step run at a depth, depth]
          "predicted_speedup": 1.12,               # the performance model of docs/performance.md
          "peak_memory_bytes": 52428800,           # see environment.peak_memory; null where not measurable
-         "cache_hits": null, "cache_misses": null}     # PrefixCache lookups (cache variants only)
+         "cache_hits": null, "cache_misses": null,     # PrefixCache lookups (cache variants only), and
+         "cache_advanced": null}                  # cached outputs carried through newly frozen stages
       ],
       "summary": [                                # one per variant with full-budget runs
         {"variant": "composer", "runs": 3, "baseline": "none",

@@ -77,7 +77,9 @@ class LayerFreezing(Algorithm):
     attaches at ``FIT_START``, or at the first event it sees. Its state travels in
     Composer checkpoints and is applied before the optimizer state loads, so
     ``Trainer(load_path=...)`` resumes with the same parameters frozen and the same
-    param groups.
+    param groups. One object serves one run at a time: at a new Trainer's ``INIT``,
+    or applied to another ``State``, it releases the previous run (unfrozen, as
+    :meth:`layerfreeze.LayerFreezing.detach`) and attaches to the new one.
 
     Args:
         freeze_start: fraction of training before freezing begins. Default 0.5.
@@ -92,6 +94,7 @@ class LayerFreezing(Algorithm):
         self._state: Optional[State] = None
         self._logger: Any = None
         self._attached = False
+        self._run: tuple[Any, list[Any]] = (None, [])  # the model and optimizers it is attached to
 
     @property
     def find_unused_parameters(self) -> bool:
@@ -108,6 +111,10 @@ class LayerFreezing(Algorithm):
         return event in (Event.INIT, Event.FIT_START, Event.BATCH_END, Event.EPOCH_END)
 
     def apply(self, event: Event, state: State, logger: Any) -> None:
+        if event == Event.INIT or (self._attached and not self._serves(state)):
+            # A new run (a new Trainer's INIT, or an event applied to another State): the
+            # previous one is released, so this run's model and optimizers are the ones frozen.
+            self._release()
         self._state, self._logger = state, logger
         if event == Event.INIT:  # kept for load_state_dict; optimizers may not exist yet
             return
@@ -126,6 +133,18 @@ class LayerFreezing(Algorithm):
     def _attach(self, state: State) -> None:
         self.freezing.attach(state.model, list(state.optimizers), total_steps=_total_steps(state))
         self._attached = True
+        self._run = (state.model, list(state.optimizers))
+
+    def _serves(self, state: State) -> bool:
+        model, optimizers = self._run
+        current = list(state.optimizers)
+        return model is state.model and len(optimizers) == len(current) and all(
+            a is b for a, b in zip(optimizers, current))
+
+    def _release(self) -> None:
+        if self._attached:
+            self.freezing.detach()
+            self._attached = False
 
     def _log(self, metrics: dict[str, float]) -> None:
         if self._logger is not None:

@@ -32,7 +32,9 @@ class LayerFreezingCallback(Callback):
     Composer metric keys are logged through ``pl_module.log_dict``. The state is
     saved in Lightning checkpoints and, on ``trainer.fit(model, ckpt_path=...)``,
     applied before Lightning loads the optimizer state, so the resumed run has the
-    same param groups and frozen set.
+    same param groups and frozen set. Each ``fit`` is a run of its own: used for
+    another fit, the callback releases the previous one (unfrozen, as
+    :meth:`layerfreeze.LayerFreezing.detach`) and attaches to the new model.
 
     Args:
         freeze_start: fraction of training before freezing begins. Default 0.5.
@@ -57,6 +59,14 @@ class LayerFreezingCallback(Callback):
             model = trainer.strategy.model if trainer.strategy.model is not None else pl_module
             self.freezing.attach(model, trainer.optimizers, total_steps=int(trainer.estimated_stepping_batches))
             self._attached = True
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Each fit is a run of its own (a new Trainer, or the same callback in a second
+        # fit): release the previous run before Lightning restores this one's state, so
+        # it attaches to this fit's model and optimizers (it kept acting on the first).
+        if stage == "fit" and self._attached:
+            self.freezing.detach()
+            self._attached = False
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Optimizers exist now, and Lightning loads their state only after this hook.
