@@ -305,6 +305,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--phases", action="store_true", help="measure where a step's time goes instead")
     parser.add_argument("--phase-blocks", type=int, nargs="+", default=[2, 3, 4, 5])
     parser.add_argument("--phase-repeats", type=int, default=7)
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="do not add the baseline 'none' (its runs come from another --json file to --merge)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="print the table of runs saved by earlier --json runs (for example one per seed)")
     args = parser.parse_args(argv)
@@ -317,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     variants = [parse_variant(v) for v in names]
-    if "none" not in names:
+    if "none" not in names and not args.no_baseline:
         names.insert(0, "none")
         variants.insert(0, parse_variant("none"))
     set_threads(args.threads)
