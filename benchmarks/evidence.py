@@ -177,17 +177,21 @@ def conclusion(summary: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def busy_note(records: Sequence[RunRecord], threads: int, device: str) -> Optional[str]:
-    """A note when the runs' processes used well under their threads' capacity (a busy machine)."""
+    """A note naming the runs whose process used under :data:`BUSY_SHARE` of its threads' capacity
+    (CPU time over wall time and threads): other work held the CPUs while they ran."""
     if device != "cpu" or not records:
         return None
-    share = median([r.train_cpu_seconds / (r.train_seconds * threads) for r in records if r.train_seconds > 0])
-    if share >= BUSY_SHARE:
+    busy = [r for r in records if r.train_seconds > 0 and r.train_cpu_seconds / (r.train_seconds * threads) < BUSY_SHARE]
+    if not busy:
         return None
-    return (f"The machine was busy with other work during these runs: the median run used {100 * share:.0f}% of "
-            f"its {threads} threads' capacity, so wall times are inflated and noisier than on an idle machine "
-            "(the CPU-time speedup column is less affected), and a change of load between a seed's runs moves "
-            "them along the time axis, past its frontier. HINT: for figures to rely on, delete this bench.json "
-            "and run the command again on an idle machine.")
+    shown = ", ".join(f"{r.variant} seed {r.seed}" + (f" budget {r.budget:g}" if r.budget != 1.0 else "")
+                      for r in busy[:6]) + (", ..." if len(busy) > 6 else "")
+    share = median([r.train_cpu_seconds / (r.train_seconds * threads) for r in busy])
+    return (f"{len(busy)} of {len(records)} runs ran while other work held the CPUs ({shown}): their processes "
+            f"used a median {100 * share:.0f}% of their {threads} threads' capacity, so their wall times are "
+            "inflated (the CPU-time speedup column is less affected), and a change of load between a seed's runs "
+            "moves them along the time axis, past its frontier. HINT: for figures to rely on, delete this "
+            "bench.json and run the command again on an idle machine.")
 
 
 def machine_line(environment: dict[str, Any], config: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ setting of issue 11 (:data:`FINE_TUNING_VARIANT`), and 5 seeds. Results go to a 
     python benchmarks/study.py --task fashion-mnist --part 1/5   # its first seed; 2/5 the next, ...
     python benchmarks/study.py --task digits --device cuda   # the same study on a GPU
     python benchmarks/study.py --task digits --dry-run       # print the bench command only
-    python benchmarks/study.py --task digits --seeds 8 --output-root /tmp/check   # a replication elsewhere
+    python benchmarks/study.py --task digits --seeds 8 --output-root replication   # seeds 0-7 elsewhere
     python benchmarks/evidence.py                            # docs/evidence.md from the JSON files
 
 Splitting: ``--part K/M`` runs the seeds of the first K of M equal parts (seeds

@@ -117,7 +117,7 @@ def test_complete_section_has_table_conclusion_command_and_machine():
             "`layerfreeze bench --task digits --output-dir docs/evidence/digits`.") in text
     assert "Machine: CPU: AMD EPYC, 2 logical CPUs, 2 torch thread(s); torch 2.13.0+cpu" in text
     assert "![digits: test accuracy against training time, every run a point](evidence/digits/pareto.png)" in text
-    assert "machine was busy" not in text
+    assert "held the CPUs" not in text
 
 
 def test_missing_json_is_marked_not_yet_run_without_numbers():
@@ -148,7 +148,9 @@ def test_missing_run_of_one_seed_keeps_the_other_seed_complete():
 
 def test_busy_machine_is_noted_from_cpu_time():
     text = "\n".join(evidence.section("digits", _document(cpu_share=0.25), PLAN))
-    assert "the median run used 25% of its 2 threads' capacity" in text
+    assert ("12 of 12 runs ran while other work held the CPUs (none seed 0, none seed 0 budget 0.5, composer "
+            "seed 0, start0.1 seed 0, flops seed 0, cache seed 0, ...): their processes used a median 25% of their "
+            "2 threads' capacity") in text
     assert evidence.busy_note([], 2, "cpu") is None
     records = [evidence.RunRecord.from_json(_run(*r, cpu_share=0.25)) for r in RUNS]
     assert evidence.busy_note(records, 2, "cuda") is None
