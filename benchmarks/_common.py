@@ -7,12 +7,18 @@ noise from other processes hits them alike.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import datetime
+import os
+import socket
 import statistics
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 __all__ = [
@@ -29,6 +35,9 @@ __all__ = [
     "optimizer_state_bytes",
     "table",
     "fmt_ratio",
+    "launch_ranks",
+    "init_rank",
+    "slowest_medians",
 ]
 
 
@@ -200,3 +209,45 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+RankMain = Callable[[int, int, argparse.Namespace], None]
+
+
+def _spawned(rank: int, main: RankMain, world: int, args: argparse.Namespace, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    main(rank, world, args)
+
+
+def launch_ranks(main: RankMain, args: argparse.Namespace) -> None:
+    """Run ``main(rank, world, args)`` on every rank: the ranks torchrun gives, or ``args.world`` spawned here.
+
+    Spawned ranks meet on a free port of 127.0.0.1. ``main`` must be a module-level
+    function (the spawned processes import it).
+    """
+    if "RANK" in os.environ:  # under torchrun
+        main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_spawned, args=(main, args.world, args, port), nprocs=args.world, join=True)
+
+
+def init_rank(rank: int, world: int, threads: int) -> None:
+    """Fix this rank's torch threads and join the gloo group (collectives time out after 120 s)."""
+    set_threads(threads)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+
+
+def slowest_medians(steps: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each callable over interleaved rounds on this rank, then the largest over the ranks.
+
+    Every rank runs the same steps; the slowest rank sets the pace of a
+    synchronous step, so its median is the one reported.
+    """
+    medians = interleaved_medians(steps, repeats)
+    times = torch.tensor([medians[name] for name in steps], dtype=torch.float64)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    return dict(zip(steps, times.tolist()))

@@ -25,24 +25,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
-import os
-import socket
 import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layerfreeze as lf  # noqa: E402
 from layerfreeze.bench import models as bundled  # noqa: E402
-from _common import interleaved_medians, set_threads, table  # noqa: E402
+from _common import init_rank, launch_ranks, slowest_medians, table  # noqa: E402
 
 
 def _counting_hook(state, bucket):
@@ -102,9 +98,7 @@ def _batch(spec: bundled.ModelSpec, args: argparse.Namespace, rank: int) -> tupl
 
 
 def run(rank: int, world: int, args: argparse.Namespace) -> None:
-    set_threads(args.threads)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    init_rank(rank, world, args.threads)
     spec = bundled.get_model(args.model)
     torch.manual_seed(0)
     base = spec.factory()
@@ -132,11 +126,7 @@ def run(rank: int, world: int, args: argparse.Namespace) -> None:
     def steps(variant: Variant) -> Callable[[], None]:
         return lambda: [variant.step() for _ in range(args.steps)] and None
 
-    medians = interleaved_medians({n: steps(v) for n, v in variants.items()}, args.repeats)
-    # Every rank ran the same steps; take the slowest rank's median per variant.
-    times = torch.tensor([medians[n] for n in variants], dtype=torch.float64)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)
-    medians = dict(zip(variants, times.tolist()))
+    medians = slowest_medians({n: steps(v) for n, v in variants.items()}, args.repeats)
     checksum = torch.stack([p.detach().double().sum() for p in variants["layerfreeze"].model.parameters()]).sum()
     gathered = [torch.zeros_like(checksum) for _ in range(world)]
     dist.all_gather(gathered, checksum)
@@ -166,11 +156,6 @@ def run(rank: int, world: int, args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def _spawned(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    run(rank, world, args)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mlp", choices=sorted(bundled.MODELS))
@@ -183,13 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0.0 <= args.fraction <= 1.0:
         parser.error(f"--fraction must be in [0, 1], got {args.fraction}")
-    if "RANK" in os.environ:  # under torchrun
-        run(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_spawned, args=(args.world, args, port), nprocs=args.world, join=True)
+    launch_ranks(run, args)
 
 
 if __name__ == "__main__":

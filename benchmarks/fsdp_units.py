@@ -31,22 +31,18 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layerfreeze as lf  # noqa: E402
-from _common import interleaved_medians, set_threads, table  # noqa: E402
+from _common import init_rank, launch_ranks, slowest_medians, table  # noqa: E402
 
 
 class Block(nn.Sequential):
@@ -131,9 +127,7 @@ def frozen_slots(variant: Variant, reference: nn.Module) -> tuple[float, float]:
 
 
 def run(rank: int, world: int, args: argparse.Namespace) -> None:
-    set_threads(args.threads)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    init_rank(rank, world, args.threads)
     layers = lf.definition_order(build(args.blocks, args.width))
     frozen_blocks = int(args.fraction * args.blocks)
     depth = 2 * frozen_blocks  # two Linear layers a block
@@ -172,10 +166,8 @@ def run(rank: int, world: int, args: argparse.Namespace) -> None:
     def steps(variant: Variant) -> Callable[[], None]:
         return lambda: [variant.step() for _ in range(args.steps)] and None
 
-    medians = interleaved_medians({n: steps(v) for n, v in variants.items()}, args.repeats)
-    times = torch.tensor([medians[n] for n in variants], dtype=torch.float64)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)  # slowest rank
-    per_step = {n: t / args.steps for n, t in zip(variants, times.tolist())}
+    medians = slowest_medians({n: steps(v) for n, v in variants.items()}, args.repeats)
+    per_step = {n: t / args.steps for n, t in medians.items()}
 
     if rank == 0:
         print(f"{args.blocks} blocks of width {args.width} ({len(layers)} layers), {world} ranks x batch "
@@ -208,11 +200,6 @@ def _full_params(model: nn.Module) -> list[torch.Tensor]:
         return [p.detach().clone() for p in model.module.parameters()]
 
 
-def _spawned(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    run(rank, world, args)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=8, help="MLP blocks (default 8)")
@@ -226,13 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0.0 < args.fraction < 1.0:
         parser.error(f"--fraction must be in (0, 1), got {args.fraction}")
-    if "RANK" in os.environ:  # under torchrun
-        run(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_spawned, args=(args.world, args, port), nprocs=args.world, join=True)
+    launch_ranks(run, args)
 
 
 if __name__ == "__main__":

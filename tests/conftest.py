@@ -119,6 +119,18 @@ def train_step(model: nn.Module, optimizers, x: torch.Tensor) -> None:
         opt.zero_grad()
 
 
+def train_depths(opt: torch.optim.Optimizer, freezing, run, xs) -> list[int]:
+    """One optimizer step per batch through ``run``, then ``freezing.step()``; the frozen depth at each forward."""
+    depths = []
+    for x in xs:
+        depths.append(freezing.frozen_depth)
+        run(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        freezing.step()
+    return depths
+
+
 @pytest.fixture(params=sorted(MODEL_FACTORIES))
 def model_name(request) -> str:
     return request.param

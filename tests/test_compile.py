@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import layerfreeze as lf
+from conftest import train_depths
 
 pytestmark = pytest.mark.slow  # torch.compile: seconds per test
 
@@ -29,14 +30,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, freezing: lf.LayerFreezi
           steps: int, shape: tuple[int, ...] = (5, 4)) -> list[int]:
     """Train ``steps`` steps through ``run``; returns the frozen depth at each forward pass."""
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
-    depths = []
-    for _ in range(steps):
-        depths.append(freezing.frozen_depth)
-        run(x).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        freezing.step()
-    return depths
+    return train_depths(opt, freezing, run, [x] * steps)
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import layerfreeze as lf
+from conftest import train_depths
 
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.testing import CompileCounter  # noqa: E402
@@ -35,18 +36,6 @@ def fresh_dynamo():
 def batches(steps: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
     return [torch.randn(*shape, generator=generator) for _ in range(steps)]
-
-
-def train(model: nn.Module, opt: torch.optim.Optimizer, freezing: lf.LayerFreezing, run, xs) -> list[int]:
-    """One optimizer step per batch through ``run``; returns the frozen depth at each forward."""
-    depths = []
-    for x in xs:
-        depths.append(freezing.frozen_depth)
-        run(x).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        freezing.step()
-    return depths
 
 
 def compiled(model: nn.Module, how: str, counter: CompileCounter):
@@ -99,7 +88,7 @@ def test_checkpointed_model_compiles_once_per_frozen_set_and_trains_as_eager(how
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         freezing = lf.LayerFreezing(freeze_start=0.0, interval="step").attach(model, opt, total_steps=8)
         counter = CompileCounter()
-        depths = train(model, opt, freezing, compiled(model, mode, counter), batches(8, (4, 6)))
+        depths = train_depths(opt, freezing, compiled(model, mode, counter), batches(8, (4, 6)))
         results.append((depths, counter.frame_count, copy.deepcopy(model.state_dict()), freezing.frozen_parameters))
     (depths, graphs, state, frozen), (eager_depths, eager_graphs, eager_state, eager_frozen) = results
     assert depths == eager_depths == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -165,7 +154,7 @@ def test_checkpointed_function_dynamo_cannot_trace_still_gets_bridged_gradients(
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         freezing = lf.LayerFreezing(freeze_start=0.0, interval="step").attach(model, opt, total_steps=8)
         run = torch.compile(model, backend=CompileCounter()) if mode != "eager" else model
-        depths = train(model, opt, freezing, run, batches(8, (4, 6)))
+        depths = train_depths(opt, freezing, run, batches(8, (4, 6)))
         results.append((depths, copy.deepcopy(model.state_dict())))
     (depths, state), (eager_depths, eager_state) = results
     assert depths == eager_depths == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -207,7 +196,7 @@ def test_convergence_captures_the_first_batch_of_a_compiled_forward(how):
         policy = lf.policies.Convergence(threshold=0.9, every=2, max_samples=4)
         freezing = lf.LayerFreezing(policy=policy, interval="step").attach(model, opt, total_steps=10)
         counter = CompileCounter()
-        depths = train(model, opt, freezing, compiled(model, mode, counter), xs)
+        depths = train_depths(opt, freezing, compiled(model, mode, counter), xs)
         results.append((depths, counter.frame_count, policy.state_dict(), copy.deepcopy(model.state_dict()),
                         hooks_left(model)))
     (depths, graphs, policy_state, state, hooks), (eager_depths, _, eager_policy_state, eager_state, _) = results
@@ -254,7 +243,7 @@ def test_convergence_detach_after_a_compiled_first_forward_removes_the_capture_h
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     freezing = lf.LayerFreezing(policy=lf.policies.Convergence(every=100), interval="step")
     freezing.attach(model, opt, total_steps=400)
-    train(model, opt, freezing, torch.compile(model, backend=CompileCounter(), fullgraph=True), batches(2, (3, 4)))
+    train_depths(opt, freezing, torch.compile(model, backend=CompileCounter(), fullgraph=True), batches(2, (3, 4)))
     assert hooks_left(model) == 1  # inert until a freeze change
     freezing.detach()
     assert hooks_left(model) == 0
@@ -281,7 +270,7 @@ def test_freezer_module_changes_compile_once_per_frozen_set_with_fullgraph(case)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         freezing = lf.LayerFreezing(freeze_start=0.0, interval="step", **options).attach(model, opt, total_steps=8)
         counter = CompileCounter()
-        depths = train(model, opt, freezing, compiled(model, mode, counter), batches(8, shape))
+        depths = train_depths(opt, freezing, compiled(model, mode, counter), batches(8, shape))
         results.append((depths, counter.frame_count, copy.deepcopy(model.state_dict())))
     (depths, graphs, state), (eager_depths, _, eager_state) = results
     assert depths == eager_depths
@@ -307,7 +296,7 @@ def test_execution_trace_replay_of_a_compiled_forward_draws_no_random_numbers():
         freezing = lf.LayerFreezing(freeze_start=0.0, interval="step", order="execution")
         freezing.attach(model, opt, total_steps=6)
         counter = CompileCounter()
-        depths = train(model, opt, freezing, compiled(model, mode, counter), batches(6, (5, 4)))
+        depths = train_depths(opt, freezing, compiled(model, mode, counter), batches(6, (5, 4)))
         results.append((depths, counter.frame_count, copy.deepcopy(model.state_dict())))
     (depths, graphs, state), (eager_depths, _, eager_state) = results
     assert depths == eager_depths == [0, 0, 0, 1, 1, 1]

@@ -19,11 +19,11 @@ import gc
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import _dist
 import pytest
 import torch
 import torch.distributed as dist
@@ -40,38 +40,9 @@ LAUNCH_TIMEOUT = 150
 ATOL = 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: Path, world: int = 2) -> list[dict]:
     """Run the worker on ``world`` ranks; return each rank's results."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE=str(world), LF_DIST_TIMEOUT="30", OMP_NUM_THREADS="1")
-    env.pop("TORCH_DISTRIBUTED_DEBUG", None)
-    procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(out)], env=dict(env, RANK=str(rank)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in range(world)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=LAUNCH_TIMEOUT)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    results = []
-    for rank, proc in enumerate(procs):
-        path = out / f"rank{rank}.pt"
-        if proc.returncode != 0 or not path.exists():
-            pytest.fail(f"rank {rank} exited with {proc.returncode}:\n" + "\n".join(logs))
-        results.append(torch.load(path, weights_only=False))
-    return results
+    return _dist.launch(WORKER, out, timeout=LAUNCH_TIMEOUT, world=world, env={"LF_DIST_TIMEOUT": "30"})
 
 
 def ok(result: dict) -> dict:

@@ -8,13 +8,9 @@ Each rank runs in its own session, killed after ``TIMEOUT`` seconds.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
+import _dist
 import pytest
 import torch
 
@@ -28,27 +24,8 @@ TIMEOUT = 180
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("composer")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                NODE_RANK="0", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(out)], env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for r in (0, 1)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=TIMEOUT)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"Composer DDP run did not finish in {TIMEOUT}s:\n" + "\n".join(p.communicate()[0] for p in procs))
-    for proc, log in zip(procs, logs):
-        if proc.returncode != 0:
-            pytest.fail(f"a Composer DDP rank exited with {proc.returncode}:\n{log}")
-    return [torch.load(out / f"composer-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return _dist.launch(SCRIPT, out, timeout=TIMEOUT, env={"LOCAL_WORLD_SIZE": "2", "NODE_RANK": "0"},
+                        rank_env=lambda r: {"RANK": str(r), "LOCAL_RANK": str(r)}, result="composer-rank{rank}.pt")
 
 
 def test_composer_builds_ddp_without_find_unused_parameters(results):

@@ -10,12 +10,9 @@ over the wire.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
+import _dist
 import pytest
 import torch
 
@@ -31,29 +28,7 @@ ORDER = ["0.0.weight", "0.0.bias", "0.2.weight", "0.2.bias", "1.0.weight", "1.0.
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
-               LF_DIST_TIMEOUT="30", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out)], env=dict(env, RANK=str(rank)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=LAUNCH_TIMEOUT)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    results = []
-    for rank, proc in enumerate(procs):
-        path = out / f"rank{rank}.pt"
-        if proc.returncode != 0 or not path.exists():
-            pytest.fail(f"rank {rank} exited with {proc.returncode}:\n" + "\n".join(logs))
-        results.append(torch.load(path, weights_only=False))
-    return results
+    return _dist.launch(WORKER, out, timeout=LAUNCH_TIMEOUT, env={"LF_DIST_TIMEOUT": "30"})
 
 
 def wrapped(ranks: list[dict], wrap: str) -> list[dict]:

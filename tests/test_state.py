@@ -135,6 +135,20 @@ def _fresh(**kwargs):
     return model, opt, lf.LayerFreezing(freeze_start=0.0, **kwargs).attach(model, opt, 8, steps_per_epoch=2)
 
 
+def _load_is_refused(edit, message) -> dict:
+    """Load a saved state changed by ``edit`` at depth 1: refused with ``message``, nothing changed. Returns the state."""
+    state = copy.deepcopy(_state_of())
+    edit(state)
+    model, opt, freezing = _fresh()
+    freezing.set_depth(1)
+    before = freezing.state_dict()
+    with pytest.raises(ValueError, match=message):
+        freezing.load_state_dict(state)
+    assert freezing.state_dict() == before
+    assert len(opt.param_groups[0]["params"]) == 8
+    return state
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.update(depth=1), r"state_dict is inconsistent: depth 1 freezes 2 parameter\(s\)"),
     (lambda s: s.update(layers=s["layers"][::-1]), "another order than this model's definition order"),
@@ -148,15 +162,7 @@ def _fresh(**kwargs):
     (lambda s: s["config"].update(shared="trainable"), "saved with shared='trainable'"),
 ])
 def test_inconsistent_state_is_refused_and_changes_nothing(edit, message):
-    state = copy.deepcopy(_state_of())
-    edit(state)
-    model, opt, freezing = _fresh()
-    freezing.set_depth(1)
-    before = freezing.state_dict()
-    with pytest.raises(ValueError, match=message):
-        freezing.load_state_dict(state)
-    assert freezing.state_dict() == before
-    assert len(opt.param_groups[0]["params"]) == 8
+    _load_is_refused(edit, message)
 
 
 def test_other_settings_in_checkpoint_warn(caplog):
@@ -252,13 +258,6 @@ def test_freezing_state_round_trips_and_is_what_state_dict_returns():
     (lambda s: s.pop("policy"), r"^state_dict is not from LayerFreezing\.state_dict\(\): missing key 'policy'$"),
 ])
 def test_every_field_is_checked_and_named_by_its_path(edit, message):
-    state = copy.deepcopy(_state_of())
-    edit(state)
-    model, opt, freezing = _fresh()
-    freezing.set_depth(1)
-    before = freezing.state_dict()
-    with pytest.raises(ValueError, match=message):
-        freezing.load_state_dict(state)
-    assert freezing.state_dict() == before
+    state = _load_is_refused(edit, message)
     with pytest.raises(ValueError, match=message):  # the same before attach
         lf.LayerFreezing(freeze_start=0.0).load_state_dict(state)

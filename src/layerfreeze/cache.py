@@ -202,7 +202,70 @@ def _check_stages(stages: object) -> list[nn.Module]:
     return modules
 
 
-class PrefixCache:
+class _CachedStages:
+    """What PrefixCache and EncoderCache share: per-example outputs of leading
+    stages in a :class:`_Store`, kept while those stages' weights stay as they were.
+
+    The subclass sets ``stages``, ``_store``, ``_params`` (each stage's
+    parameters), ``_state`` (the tensors whose edits make an output stale),
+    ``_cut`` and ``_versions``.
+    """
+
+    stages: list[nn.Module]
+    _store: _Store
+    _params: list[list[nn.Parameter]]
+    _state: list[list[torch.Tensor]]
+    _cut: Optional[int]
+    _versions: list[tuple[int, ...]]
+
+    @staticmethod
+    def _frozen_run(params: Sequence[list[nn.Parameter]]) -> int:
+        """How many of ``params`` in a row, from the first, hold no trainable parameter."""
+        cut = 0
+        for stage_params in params:
+            if any(p.requires_grad for p in stage_params):
+                break
+            cut += 1
+        return cut
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of stored outputs held in memory (at most ``max_bytes``)."""
+        return self._store.nbytes
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes spilled to ``spill_dir``."""
+        return self._store.disk_bytes
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def _move_cut(self, cut: int) -> Optional[str]:
+        """Record ``cut`` and the frozen stages' versions; say why stored outputs are stale, if they are."""
+        # The tensors' version counters move on every in-place write (an optimizer
+        # step, load_state_dict), so an edited prefix is noticed without hashing it.
+        versions = [tuple(t._version for t in state) for state in self._state[:cut]]
+        previous = self._cut
+        reason = None
+        if previous is not None and len(self):
+            if cut < previous:
+                reason = f"the cut moved back from {previous} to {cut} stages"
+            elif versions[:previous] != self._versions:
+                reason = "a frozen stage's weights changed"
+        self._cut, self._versions = cut, versions
+        return reason
+
+    def _random_modules(self, cut: int) -> Optional[str]:
+        """The dropout and training-mode BatchNorm modules in ``stages[:cut]``, as a short list; None if none."""
+        random = [f"stages[{i}].{name}" if name else f"stages[{i}]"
+                  for i, stage in enumerate(self.stages[:cut]) for name in nondeterministic_modules(stage)]
+        if not random:
+            return None
+        return ", ".join(random[:3]) + (f" and {len(random) - 3} more" if len(random) > 3 else "")
+
+
+class PrefixCache(_CachedStages):
     """Cache, per training example, the output of a model's frozen leading stages.
 
     Call it in place of the model: ``cache(inputs, keys)`` runs the frozen prefix
@@ -282,25 +345,7 @@ class PrefixCache:
 
         The last stage never counts: something must train.
         """
-        cut = 0
-        for params in self._params[:-1]:
-            if any(p.requires_grad for p in params):
-                break
-            cut += 1
-        return cut
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of cached outputs held in memory (at most ``max_bytes``)."""
-        return self._store.nbytes
-
-    @property
-    def disk_bytes(self) -> int:
-        """Bytes spilled to ``spill_dir``."""
-        return self._store.disk_bytes
-
-    def __len__(self) -> int:
-        return len(self._store)
+        return self._frozen_run(self._params[:-1])
 
     # -- use ---------------------------------------------------------------
     def __call__(self, inputs: Inputs, keys: Union[torch.Tensor, Sequence[Hashable]]) -> torch.Tensor:
@@ -400,26 +445,14 @@ class PrefixCache:
 
     # -- internals ---------------------------------------------------------
     def _validate(self, cut: int) -> None:
-        # The tensors' version counters move on every in-place write (an optimizer
-        # step, load_state_dict), so an edited prefix is noticed without hashing it.
-        versions = [tuple(t._version for t in state) for state in self._state[:cut]]
-        previous = self._cut
-        if previous is not None and len(self):
-            reason = None
-            if cut < previous:
-                reason = f"the cut moved back from {previous} to {cut} stages"
-            elif versions[:previous] != self._versions:
-                reason = "a frozen stage's weights changed"
-            if reason is not None:
-                log.info("layerfreeze: prefix cache cleared (%d entries): %s", len(self), reason)
-                self.invalidate()
-        self._cut, self._versions = cut, versions
+        reason = self._move_cut(cut)
+        if reason is not None:
+            log.info("layerfreeze: prefix cache cleared (%d entries): %s", len(self), reason)
+            self.invalidate()
         if self.allow_nondeterministic:
             return
-        random = [f"stages[{i}].{name}" if name else f"stages[{i}]"
-                  for i, stage in enumerate(self.stages[:cut]) for name in nondeterministic_modules(stage)]
-        if random:
-            shown = ", ".join(random[:3]) + (f" and {len(random) - 3} more" if len(random) > 3 else "")
+        shown = self._random_modules(cut)
+        if shown is not None:
             raise RuntimeError(
                 f"PrefixCache refuses to cache a prefix that is not deterministic: {shown} "
                 "(dropout or BatchNorm in training mode) would give a different output than the cached one. "

@@ -63,7 +63,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .cache import _Store, nondeterministic_modules
+from .cache import _CachedStages, _Store
 
 __all__ = ["EncoderCache", "encoder_stages"]
 
@@ -158,7 +158,7 @@ class _PrefixDone(Exception):
     """Raised by the last frozen stage to end a prefix-only pass of the model."""
 
 
-class EncoderCache:
+class EncoderCache(_CachedStages):
     """Cache, per training example, the output of a model's frozen embeddings and first blocks.
 
     Built once on the model; from then on the model's own forward uses the cache
@@ -283,25 +283,7 @@ class EncoderCache:
     @property
     def cut(self) -> int:
         """Number of leading stages whose parameters are all frozen (those cached)."""
-        cut = 0
-        for params in self._params:
-            if any(p.requires_grad for p in params):
-                break
-            cut += 1
-        return cut
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of stored outputs held in memory (at most ``max_bytes``)."""
-        return self._store.nbytes
-
-    @property
-    def disk_bytes(self) -> int:
-        """Bytes spilled to ``spill_dir``."""
-        return self._store.disk_bytes
-
-    def __len__(self) -> int:
-        return len(self._store)
+        return self._frozen_run(self._params)
 
     def summary(self) -> dict[str, Any]:
         """Counts and sizes, for logs and benchmark records.
@@ -488,27 +470,16 @@ class EncoderCache:
         return [head + b"".join(r[i].tobytes() for r in rows) for i in range(batch)]
 
     def _validate(self, cut: int) -> None:
-        # Version counters move on every in-place write (optimizer step,
-        # load_state_dict), so an edited frozen weight is noticed without hashing it.
-        versions = [tuple(t._version for t in state) for state in self._state[:cut]]
         previous = self._cut
         if previous is not None and cut != previous:
             self._at_cut = [0, 0]
-        if previous is not None and len(self):
-            reason = None
-            if cut < previous:
-                reason = f"the cut moved back from {previous} to {cut} stages"
-            elif versions[:previous] != self._versions:
-                reason = "a frozen stage's weights changed"
-            if reason is not None:
-                log.info("layerfreeze: EncoderCache cleared (%d entries): %s", len(self), reason)
-                self.invalidations += 1
-                self.invalidate()
-        self._cut, self._versions = cut, versions
-        random = [f"stages[{i}].{name}" if name else f"stages[{i}]"
-                  for i, stage in enumerate(self.stages[:cut]) for name in nondeterministic_modules(stage)]
-        if random:
-            shown = ", ".join(random[:3]) + (f" and {len(random) - 3} more" if len(random) > 3 else "")
+        reason = self._move_cut(cut)
+        if reason is not None:
+            log.info("layerfreeze: EncoderCache cleared (%d entries): %s", len(self), reason)
+            self.invalidations += 1
+            self.invalidate()
+        shown = self._random_modules(cut)
+        if shown is not None:
             raise RuntimeError(
                 f"EncoderCache refuses to cache a frozen prefix that is not deterministic: {shown} "
                 "(dropout or BatchNorm in training mode) would give another output than the stored one. "
