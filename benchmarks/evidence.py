@@ -142,7 +142,20 @@ def _names(rows: Sequence[dict[str, Any]]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def conclusion(summary: Sequence[dict[str, Any]]) -> list[str]:
+def concave(frontier: Sequence[dict[str, Any]]) -> bool:
+    """Whether the frontier of medians (median time, mean accuracy per budget) bends down: each
+    segment's accuracy gain per second smaller than the one before (needs three budgets).
+
+    Example:
+        >>> concave([{"median_train_seconds": t, "accuracy_mean": a} for t, a in ((1, .5), (2, .9), (3, .95))])
+        True
+    """
+    points = sorted((row["median_train_seconds"], row["accuracy_mean"]) for row in frontier)
+    slopes = [(a2 - a1) / (t2 - t1) for (t1, a1), (t2, a2) in zip(points, points[1:]) if t2 > t1]
+    return len(slopes) >= 2 and all(later < earlier for earlier, later in zip(slopes, slopes[1:]))
+
+
+def conclusion(summary: Sequence[dict[str, Any]], frontier: Sequence[dict[str, Any]] = ()) -> list[str]:
     """Plain-words conclusions of a complete study, from its equal-time verdicts only.
 
     Each sentence restates what the verdicts say: ahead (the 95% interval of the
@@ -160,6 +173,11 @@ def conclusion(summary: Sequence[dict[str, Any]]) -> list[str]:
     if ahead:
         lines.append(f"Freezing paid on this task: {_names(ahead)} reached a higher test accuracy than the baseline "
                      "trained for the same time (95% interval of the difference above 0).")
+        if concave(frontier):
+            lines.append("A caveat: the frontier joins the baseline's budgets by straight lines, and here it bends "
+                         "down (accuracy saturates), so between two budgets the line lies below what the baseline "
+                         "would reach given that time; a small lead can come from that interpolation. More budgets "
+                         "near the variants' times would settle it.")
     else:
         lines.append(f"Freezing did not pay on this task: none of the {len(rows)} freezing variants beat the "
                      "baseline trained for the same time.")
@@ -262,7 +280,7 @@ def section(task: str, document: Optional[dict[str, Any]], plan: Plan, device: s
     if missing:
         lines += ["**Conclusion:** none yet (the study is incomplete).", ""]
     elif summary:
-        lines += ["**Conclusion.** " + " ".join(conclusion(summary)), ""]
+        lines += ["**Conclusion.** " + " ".join(conclusion(summary, frontier)), ""]
     lines += [f"Command: `{command}`, which runs `{' '.join(document['command'])}`.", "",
               f"Machine: {machine_line(environment, config)}. Results: {len(records)} run{'s' * (len(records) != 1)}, "
               f"written {document['created']}.", ""]

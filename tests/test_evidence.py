@@ -108,6 +108,20 @@ def test_conclusion_without_a_variant_ahead_says_freezing_did_not_pay():
     assert len(lines) == 3
 
 
+def test_a_lead_over_a_bending_frontier_carries_the_interpolation_caveat():
+    # seed 0's frontier: (6 s, 60%), (10 s, 80%), (20 s, 90%): 5 then 1 point a second, bending down.
+    runs = [("none", 0, 1.0, 20.0, 0.90), ("none", 0, 0.75, 10.0, 0.80), ("none", 0, 0.5, 6.0, 0.60),
+            ("start0.1", 0, 1.0, 14.0, 0.90)]
+    summary, frontier = evidence.summarize(_document(runs))
+    assert evidence.concave(frontier) and summary[1]["verdict"] == "no difference detected"  # one seed
+    ahead = [{**summary[1], "verdict": "ahead"}]
+    assert evidence.conclusion(ahead, frontier)[1].startswith("A caveat: the frontier joins the baseline's budgets")
+    assert len(evidence.conclusion(ahead, frontier[1:])) == 1  # two budgets: no bend to judge
+    straight = [{**f, "accuracy_mean": a} for f, a in zip(frontier, (0.60, 0.70, 0.95))]  # 2.5 then 2.5/s
+    assert not evidence.concave(straight)
+    assert len(evidence.conclusion(ahead, straight)) == 1
+
+
 def test_complete_section_has_table_conclusion_command_and_machine():
     text = "\n".join(evidence.section("digits", _document(), PLAN, plot="evidence/digits/pareto.png"))
     assert "\n".join(EXPECTED_TABLE) in text
