@@ -42,6 +42,8 @@ from typing import Any, Hashable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .validation import check_int
+
 __all__ = ["PrefixCache", "nondeterministic_modules"]
 
 log = logging.getLogger("layerfreeze")
@@ -109,6 +111,14 @@ class _DiskStore:
             os.close(self.fd)
             self.fd = -1
             self.path.unlink(missing_ok=True)
+
+
+def _check_storage(max_bytes: object, spill_dir: object) -> tuple[int, Optional[Path]]:
+    """The storage arguments both caches take: ``max_bytes`` and ``spill_dir``, checked."""
+    max_bytes = check_int("max_bytes", max_bytes, minimum=0)
+    if spill_dir is not None and not isinstance(spill_dir, (str, os.PathLike)):
+        raise TypeError(f"spill_dir must be a path or None, got {type(spill_dir).__name__}")
+    return max_bytes, Path(spill_dir) if spill_dir is not None else None
 
 
 class _Store:
@@ -313,12 +323,7 @@ class PrefixCache(_CachedStages):
         allow_nondeterministic: bool = False,
     ):
         self.stages = _check_stages(stages)
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
-        if spill_dir is not None and not isinstance(spill_dir, (str, os.PathLike)):
-            raise TypeError(f"spill_dir must be a path or None, got {type(spill_dir).__name__}")
-        self.max_bytes = max_bytes
-        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self.max_bytes, self.spill_dir = _check_storage(max_bytes, spill_dir)
         self.allow_nondeterministic = bool(allow_nondeterministic)
         self._params = [[p for p in stage.parameters()] for stage in self.stages]
         # What the fingerprint watches. Buffers only when the prefix must be
@@ -331,7 +336,7 @@ class PrefixCache(_CachedStages):
         # key -> (cut the output was computed at, output). Entries of an earlier,
         # shallower cut stay valid when the cut moves deeper: they are advanced
         # through the newly frozen stages on their next use.
-        self._store = _Store(max_bytes, self.spill_dir)
+        self._store = _Store(self.max_bytes, self.spill_dir)
         self.hits = 0
         self.misses = 0
         self.advanced = 0

@@ -57,13 +57,13 @@ import inspect
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .cache import _CachedStages, _Store
+from .cache import _CachedStages, _check_storage, _Store
+from .validation import check_int
 
 __all__ = ["EncoderCache", "encoder_stages"]
 
@@ -215,12 +215,8 @@ class EncoderCache(_CachedStages):
                 "DistributedDataParallel", "DataParallel"):
             raise TypeError(f"model must be the model itself, not a {type(model).__name__}; pass model.module")
         stages = encoder_stages(model) if stages is None else self._check_stages(model, stages)
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
-        if spill_dir is not None and not isinstance(spill_dir, (str, os.PathLike)):
-            raise TypeError(f"spill_dir must be a path or None, got {type(spill_dir).__name__}")
-        if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples <= 0):
-            raise ValueError(f"examples must be a positive int or None, got {examples!r}")
+        max_bytes, spill_path = _check_storage(max_bytes, spill_dir)
+        examples = check_int("examples", examples, optional=True)
         for index, stage in enumerate(stages):
             if "forward" in stage.__dict__:
                 raise ValueError(
@@ -236,7 +232,7 @@ class EncoderCache(_CachedStages):
             self._signature = None
         self.max_bytes = max_bytes
         self.examples = examples
-        self._store = _Store(max_bytes, Path(spill_dir) if spill_dir is not None else None)
+        self._store = _Store(max_bytes, spill_path)
         self._params = [list(stage.parameters()) for stage in self.stages]
         self._state = [[*params, *stage.buffers()] for stage, params in zip(self.stages, self._params)]
         self._kinds: list[Optional[int]] = [None] * len(self.stages)  # output kind, seen on a real run
