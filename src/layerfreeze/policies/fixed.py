@@ -10,10 +10,10 @@ start). One change of the frozen set means one rebuild of a
 
 from __future__ import annotations
 
-import numbers
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..schedule import check_fraction, depth_for_fraction
+from ..validation import check_int
 from .base import Context, Policy, Progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,13 +68,12 @@ class FixedDepth(Policy):
                 f"give exactly one of depth, through and fraction, got depth={depth!r}, through={through!r}, "
                 f"fraction={fraction!r}"
             )
-        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1):
-            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        depth = check_int("depth", depth) if depth is not None else None
         if through is not None and (not isinstance(through, str) or not through):
             raise ValueError(f"through must be a non-empty module name, got {through!r}")
         self.fraction = check_fraction("fraction", fraction) if fraction is not None else None
         self.start = check_fraction("start", start, allow_one=False)
-        self.depth = int(depth) if depth is not None else None
+        self.depth = depth
         self.through = through
 
     def target(self, layers: Sequence["Layer"]) -> int:
