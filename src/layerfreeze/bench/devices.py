@@ -6,12 +6,18 @@ every read. Peak memory is what a run adds: on a GPU the peak of
 ``torch.cuda.max_memory_allocated`` (reset when the run starts); on the CPU the
 growth of the process's peak resident set size over its size at the start (on
 Linux the peak is reset through ``/proc/self/clear_refs``, so each run reports its
-own peak; elsewhere the figure is not available).
+own peak; elsewhere the figure is not available). Before the start is read, memory
+that earlier runs freed is handed back to the system (``malloc_trim`` on glibc):
+otherwise a run would reuse it unseen, and report only the growth beyond the
+largest run before it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import os
 import time
 from typing import Any, Optional
@@ -86,6 +92,16 @@ def _status_kib(field: str) -> Optional[int]:
     return None
 
 
+def _release_freed_memory() -> None:
+    """Collect garbage and return the C heap's free pages to the system (glibc; elsewhere a no-op)."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return
+    trim(0)
+
+
 class MemoryMeter:
     """Peak memory of one run, in bytes: call :meth:`start` before it and :meth:`peak` after."""
 
@@ -100,6 +116,7 @@ class MemoryMeter:
             self._base = 0  # max_memory_allocated counts everything allocated, weights included
             return
         self._base = None
+        _release_freed_memory()
         rss = _status_kib("VmRSS")
         try:
             # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
