@@ -4,7 +4,7 @@ Each task's study is one ``layerfreeze bench`` with fixed settings: the baseline
 without freezing at several budgets (its equal-time frontier), Composer's defaults,
 ``freeze_start=0.1``, cost-aware freezing, prefix caching, each policy (FreezeOut,
 GradientChange, Convergence), on the fine-tuning task also the best fine-tuning
-setting of issue 11 (:data:`FINE_TUNING_VARIANT`), and 5 seeds. Results go to a committed folder,
+settings of issue 11 (:data:`FINE_TUNING_VARIANTS`), and 5 seeds. Results go to a committed folder,
 ``docs/evidence/<task>/bench.json`` (``docs/evidence/gpu/<task>/`` with
 ``--device cuda``: GPU figures are never mixed with CPU ones), always with
 ``--resume``, so an interrupted study continues where it stopped::
@@ -45,12 +45,13 @@ SEEDS = 5
 #: The variants every task runs (see ``layerfreeze bench --list-variants``): the
 #: baseline, Composer's defaults, the earlier start, cost-aware, caching, each policy.
 VARIANTS = ("none", "composer", "start0.1", "flops", "cache", "freezeout", "gradient", "convergence")
-#: The slot for issue 11's best fine-tuning setting, a bench variant: 70% of the layers
-#: (MiniLM's embeddings and 4 of its 6 blocks) frozen after the first step, never
-#: changed, and cached (docs/performance.md, fine-tuning). Tasks with
-#: ``fine_tuning=True`` run it; a better setting found later replaces this name (the
+#: Issue 11's fine-tuning settings, bench variants: 70% of the layers (MiniLM's
+#: embeddings and 4 of its 6 blocks) frozen after the first step, never changed, and
+#: cached (docs/performance.md, fine-tuning), at the task's learning rate and at twice
+#: it (the best setting found: only the top blocks and the new head train). Tasks with
+#: ``fine_tuning=True`` run them; a better setting found later is added here (the
 #: resumed study then runs the new variant's runs only).
-FINE_TUNING_VARIANT = "fixed0.7-cache"
+FINE_TUNING_VARIANTS = ("fixed0.7-cache", "fixed0.7-cache-lr2")
 #: CPU threads of every CPU study: the 2 cores of the reference machine.
 THREADS = 2
 #: Where the results go, relative to the repository root.
@@ -66,7 +67,7 @@ class TaskStudy:
         budgets: the baseline's budgets (shares of the full run), its equal-time frontier.
         train_size: train on a seeded stratified subset of this many examples (None: all).
         test_size: test on a seeded stratified subset of this many examples (None: all).
-        fine_tuning: also run :data:`FINE_TUNING_VARIANT` (a pretrained model's fine-tuning).
+        fine_tuning: also run :data:`FINE_TUNING_VARIANTS` (a pretrained model's fine-tuning).
         note: why the sizes are what they are, shown in docs/evidence.md.
     """
 
@@ -98,14 +99,14 @@ STUDIES: dict[str, TaskStudy] = {
 
 
 def fine_tuning_registered() -> bool:
-    """Whether this layerfreeze registers :data:`FINE_TUNING_VARIANT` (older versions lack it).
+    """Whether this layerfreeze registers all of :data:`FINE_TUNING_VARIANTS` (older versions lack them).
 
-    Without it the fine-tuning tasks run the other variants, and docs/evidence.md
-    reports their study as lacking it.
+    Without them the fine-tuning tasks run the other variants, and docs/evidence.md
+    reports their study as lacking them.
     """
     from layerfreeze.bench.variants import VARIANTS as REGISTERED
 
-    return FINE_TUNING_VARIANT in REGISTERED
+    return all(name in REGISTERED for name in FINE_TUNING_VARIANTS)
 
 
 def output_dir(task: str, device: str, root: str = EVIDENCE_DIR) -> str:
@@ -117,7 +118,7 @@ def study_variants(study: TaskStudy, fine_tuning_registered: bool) -> list[str]:
     """The variants of ``study``, the fine-tuning slot included where it applies and is registered."""
     names = list(VARIANTS)
     if study.fine_tuning and fine_tuning_registered:
-        names.append(FINE_TUNING_VARIANT)
+        names.extend(FINE_TUNING_VARIANTS)
     return names
 
 
@@ -202,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          progress=args.progress)
     print("layerfreeze " + " ".join(command), file=sys.stderr)
     if study.fine_tuning and not registered:
-        print(f"note: this layerfreeze has no variant {FINE_TUNING_VARIANT!r} (issue 11's best fine-tuning setting); "
+        print(f"note: this layerfreeze lacks a variant of {', '.join(FINE_TUNING_VARIANTS)} (issue 11's fine-tuning settings); "
               "this study runs without it, and docs/evidence.md reports it as missing", file=sys.stderr)
     if args.dry_run:
         return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import textwrap
 
@@ -532,6 +533,30 @@ def test_factories_get_only_the_keywords_they_take(scratch_variants):
     scratch_variants.get_variant("kw").build("step", total_steps=9)
     scratch_variants.get_variant("plain").build("epoch", total_steps=9)
     assert seen == {"interval": "step", "total_steps": 9, "plain": "epoch"}
+
+
+def test_variant_lr_scale_trains_at_that_multiple_of_the_task_rate(scratch_variants):
+    # A variant at twice the rate of 0.05 trains exactly as the baseline does at 0.1
+    # (0.05 * 2 is exact in floating point), and unlike the baseline at 0.05.
+    scratch_variants.register("doubled", lambda interval: None, "no freezing, twice the rate", lr_scale=2)
+    data = _tiny_data()
+    base = run_one(resolve_model("mlp"), data, bench_variants.get_variant("none"), 0,
+                   BenchSettings(epochs=2, batch_size=16, lr=0.1))
+    doubled = run_one(resolve_model("mlp"), data, bench_variants.get_variant("doubled"), 0,
+                      BenchSettings(epochs=2, batch_size=16, lr=0.05))
+    slow = run_one(resolve_model("mlp"), data, bench_variants.get_variant("none"), 0,
+                   BenchSettings(epochs=2, batch_size=16, lr=0.05))
+    assert doubled.epoch_train_loss == base.epoch_train_loss
+    assert slow.epoch_train_loss != base.epoch_train_loss
+    assert bench_variants.get_variant("doubled").lr_scale == 2.0
+    assert bench_variants.get_variant("none").lr_scale == 1.0
+
+
+@pytest.mark.parametrize("scale", [0, -1.0, float("nan"), float("inf"), True, "2", None])
+def test_variant_lr_scale_must_be_positive_and_finite(scratch_variants, scale):
+    with pytest.raises(ValueError, match=f"lr_scale for variant 'x' must be a positive finite number, got {re.escape(repr(scale))}"):
+        scratch_variants.register("x", lambda interval: None, "bad rate", lr_scale=scale)
+    assert "x" not in scratch_variants.VARIANTS
 
 
 def test_cache_variant_trains_through_the_prefix_cache():

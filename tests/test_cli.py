@@ -56,7 +56,7 @@ SCHEMA = {
         "precision": str, "threads": int, "quick": bool,
         "data": {"name": str, "train_size": int, "test_size": int, "input_shape": [int], "input_dtype": str,
                  "num_classes": int},
-        "variants": [{"name": str, "description": str}],
+        "variants": [{"name": str, "description": str, "lr_scale": NUMBER}],
     },
     "environment": {"python": str, "torch": str, "layerfreeze": str, "platform": str, "machine": str,
                     "processor": str, "cpu": (str, type(None)), "cpu_count": int, "threads": int, "device": str,
@@ -504,7 +504,7 @@ def test_rotten_tomatoes_task_end_to_end(tmp_path, capsys):
     config = document["config"]
     assert (config["task"], config["model"], config["interval"], config["total_steps"]) == (
         "rotten-tomatoes", "minilm", "step", 3)
-    assert config["optimizer"] == ("AdamW(betas=(0.9, 0.999)) weight_decay=0.01, LR 5e-05 peak, linear warm-up, "
+    assert config["optimizer"] == ("AdamW(betas=(0.9, 0.999)) weight_decay=0.01, LR 0.0002 peak, linear warm-up, "
                                    "then linear decay to 0, 10% warm-up")
     assert [(r["variant"], r["budget"], r["steps"]) for r in document["runs"]] == [
         ("none", 1.0, 3), ("none", 0.67, 2), ("start0.1", 1.0, 3)]

@@ -217,7 +217,7 @@ def test_fine_tuning_slot_holds_issue_11s_setting(capsys):
     assert study.fine_tuning_registered()
     assert study.main(["--task", "rotten-tomatoes", "--dry-run"]) == 0
     err = capsys.readouterr().err
-    assert ",convergence,fixed0.7-cache --device cpu " in err and "note:" not in err
+    assert ",convergence,fixed0.7-cache,fixed0.7-cache-lr2 --device cpu " in err and "note:" not in err
     assert study.main(["--task", "digits", "--dry-run"]) == 0
     assert "fixed0.7-cache" not in capsys.readouterr().err
 
@@ -231,7 +231,8 @@ def test_study_variants_hold_every_policy_and_the_fine_tuning_slot():
     assert study.study_variants(study.STUDIES["digits"], True) == [
         "none", "composer", "start0.1", "flops", "cache", "freezeout", "gradient", "convergence"]
     assert study.study_variants(study.STUDIES["rotten-tomatoes"], False)[-1] == "convergence"
-    assert study.study_variants(study.STUDIES["rotten-tomatoes"], True)[-1] == study.FINE_TUNING_VARIANT
+    assert study.study_variants(study.STUDIES["rotten-tomatoes"], True)[-2:] == [
+        "fixed0.7-cache", "fixed0.7-cache-lr2"] == list(study.FINE_TUNING_VARIANTS)
     assert study.STUDIES["rotten-tomatoes"].budgets == (0.25, 0.5, 0.75, 1.0)
     assert all(s.budgets == (0.5, 0.75, 1.0) for t, s in study.STUDIES.items() if t != "rotten-tomatoes")
 

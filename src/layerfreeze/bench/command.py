@@ -141,7 +141,7 @@ def run_bench_command(args: argparse.Namespace, argv: Optional[Sequence[str]]) -
         "threads": threads,
         "quick": bool(args.quick),
         "data": data.describe(),
-        "variants": [{"name": v.name, "description": v.description} for v in variants],
+        "variants": [{"name": v.name, "description": v.description, "lr_scale": v.lr_scale} for v in variants],
     }
     specs = plan_runs(variants, seeds, budgets)
     done: dict = {}

@@ -210,7 +210,8 @@ def run_one(ref: ModelRef, data: Dataset, variant: Variant, seed: int, settings:
     torch.manual_seed(seed)
     model = build_for_data(ref, data).to(device)
     model.train()
-    optimizer = build_optimizer(settings.optimizer, model.parameters(), settings.lr, settings.weight_decay)
+    optimizer = build_optimizer(settings.optimizer, model.parameters(), settings.lr * variant.lr_scale,
+                                settings.weight_decay)
     spe = settings.steps_per_epoch(len(data.y_train))
     total = settings.total_steps(len(data.y_train), budget)
     warmup = round(settings.warmup * total)

