@@ -232,6 +232,18 @@ def _plan_text(plan: Plan) -> str:
             f"at budgets {', '.join(f'{b:g}' for b in sorted(plan.budgets) if b != 1.0)}: {len(plan.keys())} runs")
 
 
+def variant_lines(variants: Sequence[dict[str, Any]]) -> list[str]:
+    """What each variant of the results does, from their recorded descriptions (a learning-rate multiple named)."""
+    items = []
+    for variant in variants:
+        scale = variant.get("lr_scale", 1.0)
+        rate = f" Trains at {scale:g}x the task's learning rate." if scale != 1.0 else ""
+        description = variant.get("description", "").rstrip(".")
+        if description or rate:
+            items.append(f"- `{variant['name']}`: {description + '.' if description else ''}{rate}")
+    return ["Variants:", ""] + items + [""] if items else []
+
+
 def section(task: str, document: Optional[dict[str, Any]], plan: Plan, device: str = "cpu",
             plot: Optional[str] = None, level: str = "##") -> list[str]:
     """One task's Markdown section.
@@ -263,6 +275,7 @@ def section(task: str, document: Optional[dict[str, Any]], plan: Plan, device: s
               f"{'; ' + note if note else ''}), {config['epochs']} epochs x {config['steps_per_epoch']} steps, "
               f"batch {config['batch_size']}, {config['optimizer']}, freezing decided every {config['interval']}; "
               f"{config['device']}, {config['precision']}. Plan: {_plan_text(plan)}.", ""]
+    lines += variant_lines(config.get("variants", []))
     summary, frontier = summarize(document)
     if summary:
         lines += table_lines(summary, frontier) + [""]

@@ -266,3 +266,14 @@ def test_runner_refuses_a_bad_part(capsys):
     with pytest.raises(SystemExit):
         study.main(["--task", "digits", "--part", "6/5", "--dry-run"])
     assert "--part K/M needs 1 <= K <= M, got '6/5'" in capsys.readouterr().err
+
+
+def test_variant_list_names_each_variant_and_its_learning_rate_multiple():
+    lines = evidence.variant_lines([
+        {"name": "none", "description": "no freezing.", "lr_scale": 1.0},
+        {"name": "fast", "description": "freeze most layers", "lr_scale": 2.0},
+        {"name": "bare", "description": ""},  # nothing to say: left out
+    ])
+    assert lines == ["Variants:", "", "- `none`: no freezing.",
+                     "- `fast`: freeze most layers. Trains at 2x the task's learning rate.", ""]
+    assert evidence.variant_lines([{"name": "bare", "description": ""}]) == []
