@@ -237,10 +237,11 @@ def variant_lines(variants: Sequence[dict[str, Any]]) -> list[str]:
     items = []
     for variant in variants:
         scale = variant.get("lr_scale", 1.0)
-        rate = f" Trains at {scale:g}x the task's learning rate." if scale != 1.0 else ""
+        rate = f"Trains at {scale:g}x the task's learning rate." if scale != 1.0 else ""
         description = variant.get("description", "").rstrip(".")
-        if description or rate:
-            items.append(f"- `{variant['name']}`: {description + '.' if description else ''}{rate}")
+        parts = ([description + "."] if description else []) + ([rate] if rate else [])
+        if parts:
+            items.append(f"- `{variant['name']}`: {' '.join(parts)}")
     return ["Variants:", ""] + items + [""] if items else []
 
 

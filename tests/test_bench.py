@@ -559,6 +559,15 @@ def test_variant_lr_scale_must_be_positive_and_finite(scratch_variants, scale):
     assert "x" not in scratch_variants.VARIANTS
 
 
+def test_the_baseline_trains_at_the_task_rate(scratch_variants):
+    with pytest.raises(ValueError, match="lr_scale of the baseline 'none' must be 1: .* got 2"):
+        scratch_variants.register("none", lambda interval: None, "faster baseline", replace=True, lr_scale=2)
+    assert scratch_variants.get_variant("none").lr_scale == 1.0
+    import numpy as np
+
+    assert scratch_variants.register("y", lambda interval: None, "numpy rate", lr_scale=np.int64(3)).lr_scale == 3.0
+
+
 def test_cache_variant_trains_through_the_prefix_cache():
     # mlp (no dropout, no BatchNorm): the cached prefix gives what the model would compute,
     # so the cache variant follows start0.1's schedule with the same losses, and reads
@@ -759,3 +768,20 @@ def test_minilm_stage_chain_matches_the_hf_model():
     torch.testing.assert_close(hidden[real], expected[real], rtol=1e-4, atol=1e-4)
     assert model(x).shape == (2, 2)
     assert len(lf.definition_order(model)) == 53  # 4 embedding leaves + 6 x 8 layer leaves + the head
+
+
+def test_resume_refuses_a_variant_kept_under_its_name_with_another_lr_scale():
+    from layerfreeze.bench.report import check_resumable
+
+    def config(*variants):
+        return {"task": "digits", "variants": list(variants)}
+
+    old = config({"name": "none", "description": ""}, {"name": "fast", "description": "", "lr_scale": 2.0})
+    # Same scales (a missing one is 1: files written before lr_scale), a variant added or dropped: accepted.
+    check_resumable({"config": old}, config({"name": "none", "description": "", "lr_scale": 1.0},
+                                            {"name": "fast", "description": "", "lr_scale": 2.0},
+                                            {"name": "new", "description": "", "lr_scale": 3.0}), "b.json")
+    check_resumable({"config": old}, config({"name": "none", "description": "", "lr_scale": 1.0}), "b.json")
+    with pytest.raises(ValueError, match=re.escape(
+            "--resume: b.json holds a bench of another configuration (variant 'fast' lr_scale: 2 there, 4 now); HINT")):
+        check_resumable({"config": old}, config({"name": "fast", "description": "", "lr_scale": 4.0}), "b.json")

@@ -277,3 +277,5 @@ def test_variant_list_names_each_variant_and_its_learning_rate_multiple():
     assert lines == ["Variants:", "", "- `none`: no freezing.",
                      "- `fast`: freeze most layers. Trains at 2x the task's learning rate.", ""]
     assert evidence.variant_lines([{"name": "bare", "description": ""}]) == []
+    assert evidence.variant_lines([{"name": "x", "description": "", "lr_scale": 0.5}]) == [
+        "Variants:", "", "- `x`: Trains at 0.5x the task's learning rate.", ""]

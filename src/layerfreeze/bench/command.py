@@ -83,8 +83,9 @@ def run_bench_command(args: argparse.Namespace, argv: Optional[Sequence[str]]) -
     """
     if args.list_variants:
         console = _console()
+        width = max(len(name) for name in VARIANTS)
         for variant in VARIANTS.values():
-            console.print(f"{variant.name:12s} {variant.description}")
+            console.print(f"{variant.name:{width}s} {variant.description}")
         return 0
 
     task = get_task(args.task)

@@ -9,18 +9,19 @@ Linux the peak is reset through ``/proc/self/clear_refs``, so each run reports i
 own peak; elsewhere the figure is not available). Before the start is read, memory
 that earlier runs freed is handed back to the system (``malloc_trim`` on glibc):
 otherwise a run would reuse it unseen, and report only the growth beyond the
-largest run before it.
+largest run before it. (Those pages then fault back in during the run, a cost
+every run pays alike.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import gc
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -92,14 +93,20 @@ def _status_kib(field: str) -> Optional[int]:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # the C library this process already runs on
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return None
+
+
 def _release_freed_memory() -> None:
     """Collect garbage and return the C heap's free pages to the system (glibc; elsewhere a no-op)."""
     gc.collect()
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
-        return
-    trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class MemoryMeter:

@@ -167,6 +167,12 @@ def check_resumable(previous: dict[str, Any], config: dict[str, Any], path: str)
     keys = [key for key in {**old, **config} if key not in _FREE_ON_RESUME]
     differences = [f"{key}: {json.dumps(old.get(key))} there, {json.dumps(config.get(key))} now"
                    for key in keys if old.get(key) != config.get(key)]
+    # Variants may come and go, but one kept under its name must train as it did
+    # (results written before lr_scale existed trained every variant at the task's rate).
+    scales = [{v["name"]: v.get("lr_scale", 1.0) for v in c.get("variants", []) if isinstance(v, dict)}
+              for c in (old, config)]
+    differences += [f"variant {name!r} lr_scale: {scales[0][name]:g} there, {scales[1][name]:g} now"
+                    for name in scales[1] if name in scales[0] and scales[0][name] != scales[1][name]]
     if differences:
         shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
         raise ValueError(f"--resume: {path} holds a bench of another configuration ({shown}); HINT: give the same "

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -115,8 +116,11 @@ def register(name: str, factory: Factory, description: str, *, replace: bool = F
         raise TypeError(f"factory for variant {name!r} must be callable, got {type(factory).__name__}")
     if name in VARIANTS and not replace:
         raise ValueError(f"variant {name!r} is already registered; pass replace=True to overwrite it")
-    if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not 0 < lr_scale < math.inf:
+    if isinstance(lr_scale, bool) or not isinstance(lr_scale, numbers.Real) or not 0 < lr_scale < math.inf:
         raise ValueError(f"lr_scale for variant {name!r} must be a positive finite number, got {lr_scale!r}")
+    if name == BASELINE and lr_scale != 1:
+        raise ValueError(f"lr_scale of the baseline {BASELINE!r} must be 1: its runs at every budget are the "
+                         f"frontier, trained at the task's rate; got {lr_scale!r}")
     variant = Variant(name, factory, str(description), bool(cache), float(lr_scale))
     VARIANTS[name] = variant
     return variant
@@ -233,6 +237,5 @@ def _fixed_cache(interval: str = "epoch") -> LayerFreezing:
 
 register("fixed0.7-cache", _fixed_cache, "70% of the layers (MiniLM: embeddings + 4 of 6 blocks) frozen after the "
          "first step, never changed, and cached (docs/performance.md, fine-tuning)", cache=True)
-register("fixed0.7-cache-lr2", _fixed_cache, "fixed0.7-cache at twice the task's learning rate: only the top layers "
-         "and the new head train, and they take a larger step (docs/performance.md, fine-tuning)", cache=True,
-         lr_scale=2.0)
+register("fixed0.7-cache-lr2", _fixed_cache, "fixed0.7-cache with a larger step for what still trains (the top "
+         "layers and the new head; docs/performance.md, fine-tuning)", cache=True, lr_scale=2.0)
