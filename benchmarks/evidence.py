@@ -10,8 +10,12 @@ only from the equal-time verdicts. A section whose JSON is missing says "not yet
 run"; one whose JSON lacks runs of the study's plan says which, shows the finished
 runs' figures as partial and draws no conclusion from them::
 
-    python benchmarks/evidence.py            # writes docs/evidence.md and the plots
-    python benchmarks/evidence.py --check    # exit 1 if docs/evidence.md is not up to date
+    python benchmarks/evidence.py            # writes docs/evidence.md, the plots, the cards' study blocks
+    python benchmarks/evidence.py --check    # exit 1 if docs/evidence.md or a card is not up to date
+
+Each method card under docs/methods holds a block of the study's figures for its
+variants (:data:`CARDS`), between two marker lines; this script rewrites that block
+and nothing else of the card.
 """
 
 from __future__ import annotations
@@ -323,10 +327,89 @@ sessions; `--device cuda` on a GPU). The variants are those of
 """
 
 
+#: Each method card (under docs/methods) and the study's variants it reports, in a
+#: block between :data:`CARD_BEGIN` and :data:`CARD_END` that this script rewrites.
+CARDS = {
+    "layer_freezing.md": ("composer", "start0.1", "flops", "cache"),
+    "freezeout.md": ("freezeout",),
+    "gradient_change.md": ("gradient",),
+    "convergence.md": ("convergence",),
+    "fixed_depth.md": ("fixed0.7-cache", "fixed0.7-cache-lr2"),
+}
+CARD_BEGIN = "<!-- study figures: written by python benchmarks/evidence.py from docs/evidence; do not edit -->"
+CARD_END = "<!-- end of study figures -->"
+
+
+def card_block(variants: Sequence[str], documents: dict[tuple[str, str], Optional[dict[str, Any]]]) -> list[str]:
+    """The study's figures for ``variants``: one table row per task (and device) that runs them.
+
+    Only complete studies give rows; the others are named as pending, as on the evidence page.
+    """
+    rows, pending = [], []
+    for (task, device), document in documents.items():
+        plan = study_plan(task)
+        if not any(name in plan.variants for name in variants):
+            continue
+        label = task + (" (GPU)" if device == "cuda" else "")
+        if document is None or missing_runs(records_of(document), plan):
+            if device == "cpu" or document is not None:
+                pending.append(f"{label} ({'not yet run' if document is None else 'incomplete'})")
+            continue
+        summary, _ = summarize(document)
+        by_name = {row["variant"]: row for row in summary}
+        base = by_name[BASELINE]
+        for name in variants:
+            row = by_name.get(name)
+            if row is None:
+                continue
+            verdict = row["verdict"] + (f": {row['frontier_side']}" if row["frontier_side"] else "")
+            rows.append(f"| {label} | {name} | {row['speedup']:.2f}x "
+                        f"| {_accuracy(row['accuracy_mean'], row['accuracy_ci95'])} "
+                        f"| {_accuracy(base['accuracy_mean'], base['accuracy_ci95'])} | {_delta(row)} | {verdict} |")
+    lines = [CARD_BEGIN, ""]
+    if rows:
+        lines += ["| task | variant | speedup (wall) | test accuracy (95% CI) | baseline's accuracy "
+                  "| vs baseline at equal time (95% CI) | verdict |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | --- |", *rows, ""]
+    else:
+        lines += ["No study that runs this method is complete yet.", ""]
+    if pending:
+        lines += [f"Pending: {', '.join(pending)}.", ""]
+    return lines + [CARD_END]
+
+
+def with_card_block(text: str, block: Sequence[str], name: str) -> str:
+    """``text`` (a method card) with its study block replaced by ``block``.
+
+    Raises:
+        ValueError: if the card lacks the markers (or has them out of order).
+    """
+    start, end = text.find(CARD_BEGIN), text.find(CARD_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{name}: no study block; put the lines {CARD_BEGIN!r} and {CARD_END!r} where the "
+                         "study's figures go")
+    return text[:start] + "\n".join(block) + text[end + len(CARD_END):]
+
+
+def load_all(evidence_dir: Path) -> dict[tuple[str, str], Optional[dict[str, Any]]]:
+    """Every study's results, keyed ``(task, device)`` in the page's order (None where not run)."""
+    return {(task, device): load(Path(study.output_dir(task, device, str(evidence_dir))) / "bench.json")
+            for device in ("cpu", "cuda") for task in study.STUDIES}
+
+
+def cards(evidence_dir: Path, methods_dir: Path) -> dict[Path, str]:
+    """Each method card's text with its study block brought up to date."""
+    documents = load_all(evidence_dir)
+    return {methods_dir / name: with_card_block((methods_dir / name).read_text(encoding="utf-8"),
+                                                card_block(variants, documents), name)
+            for name, variants in CARDS.items()}
+
+
 def build(evidence_dir: Path, docs_dir: Path, plots: bool = True) -> str:
     """docs/evidence.md's text; with ``plots``, also (re)draws each section's Pareto plot."""
     from layerfreeze.bench.report import plot_runs
 
+    documents = load_all(evidence_dir)
     lines = [INTRO]
     for device, title in (("cpu", "CPU"), ("cuda", "GPU")):
         lines += [f"## {title}", ""]
@@ -335,7 +418,7 @@ def build(evidence_dir: Path, docs_dir: Path, plots: bool = True) -> str:
                       "are not comparable with the CPU ones above.", ""]
         for task in study.STUDIES:
             folder = Path(study.output_dir(task, device, str(evidence_dir)))
-            document = load(folder / "bench.json")
+            document = documents[task, device]
             plot = None
             if document is not None and document["runs"]:
                 png = folder / "pareto.png"
@@ -357,19 +440,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/evidence.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=str(DOCS / "evidence.md"), help="the Markdown file to write")
     parser.add_argument("--evidence-dir", default=str(DOCS / "evidence"), help="where the results folders are")
+    parser.add_argument("--methods-dir", default=str(DOCS / "methods"),
+                        help="the method cards whose study blocks to rewrite")
     parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if the output is not what the JSON files give")
+                        help="write nothing; exit 1 if the output or a card is not what the JSON files give")
     args = parser.parse_args(argv)
     output = Path(args.output)
-    text = build(Path(args.evidence_dir), output.parent, plots=not args.check)
+    texts = {output: build(Path(args.evidence_dir), output.parent, plots=not args.check),
+             **cards(Path(args.evidence_dir), Path(args.methods_dir))}
+    stale = [path for path, text in texts.items()
+             if (path.read_text(encoding="utf-8") if path.is_file() else "") != text]
     if args.check:
-        current = output.read_text(encoding="utf-8") if output.is_file() else ""
-        if current != text:
-            print(f"{args.output} is out of date; run python benchmarks/evidence.py", file=sys.stderr)
-            return 1
-        return 0
-    output.write_text(text, encoding="utf-8")
-    print(f"wrote {args.output}", file=sys.stderr)
+        for path in stale:
+            print(f"{path} is out of date; run python benchmarks/evidence.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(texts[path], encoding="utf-8")
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -279,3 +279,32 @@ def test_variant_list_names_each_variant_and_its_learning_rate_multiple():
     assert evidence.variant_lines([{"name": "bare", "description": ""}]) == []
     assert evidence.variant_lines([{"name": "x", "description": "", "lr_scale": 0.5}]) == [
         "Variants:", "", "- `x`: Trains at 0.5x the task's learning rate.", ""]
+
+
+def test_method_card_block_reports_complete_studies_and_names_pending_ones(monkeypatch):
+    monkeypatch.setattr(evidence, "study_plan", lambda task: PLAN)
+    documents = {("digits", "cpu"): _document(), ("fashion-mnist", "cpu"): None,
+                 ("rotten-tomatoes", "cpu"): _document(RUNS[:-1]), ("digits", "cuda"): None}
+    assert evidence.card_block(("start0.1", "cache", "fixed"), documents) == [
+        evidence.CARD_BEGIN, "",
+        "| task | variant | speedup (wall) | test accuracy (95% CI) | baseline's accuracy "
+        "| vs baseline at equal time (95% CI) | verdict |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| digits | start0.1 | 1.40x | 91.0% ± 12.7 | 91.0% ± 12.7 | +6.0 pt ± 0.0 | ahead |",
+        "| digits | cache | 2.47x | 86.0% ± 12.7 | 91.0% ± 12.7 | - | outside the frontier: faster than the "
+        "smallest budget (0.5) in 2 of 2 runs |",
+        "",
+        "Pending: fashion-mnist (not yet run), rotten-tomatoes (incomplete).", "",
+        evidence.CARD_END]
+    # A GPU study nobody ran is not pending; a method no study runs has no rows.
+    assert evidence.card_block(("other",), {("digits", "cuda"): None}) == [
+        evidence.CARD_BEGIN, "", "No study that runs this method is complete yet.", "", evidence.CARD_END]
+
+
+def test_card_block_replaces_only_the_marked_lines():
+    begin, end = evidence.CARD_BEGIN, evidence.CARD_END
+    card = f"# Card\n\nprose\n\n{begin}\n\nold table\n\n{end}\n\n## Next\n"
+    assert evidence.with_card_block(card, [begin, "new", end], "card.md") == (
+        f"# Card\n\nprose\n\n{begin}\nnew\n{end}\n\n## Next\n")
+    with pytest.raises(ValueError, match="card.md: no study block; put the lines"):
+        evidence.with_card_block("# Card without markers\n", [begin, end], "card.md")
