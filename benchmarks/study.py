@@ -22,10 +22,9 @@ unit of a part because the equal-time comparison pairs each freezing run with th
 baseline of its own seed, run beside it. Run the parts in order; a part run early
 also runs the earlier parts' seeds.
 
-Durations on 2 idle CPU cores, estimated from CPU time measured on a busy machine
-(wall times there were 3 to 8 times longer): digits about 45 minutes (1.15 s a step,
-60 steps a run, about 39 full runs' worth of steps), fashion-mnist about two hours
-(see its entry); rotten-tomatoes not yet measured with this runner.
+Durations measured on 2 idle CPU cores: digits about 12 minutes (a full run 18 s,
+a seed about 140 s with evaluation); rotten-tomatoes about 100 minutes (a full run
+about 108 s, a seed about 20 minutes); fashion-mnist: see its entry.
 
 The settings are those of :data:`STUDIES`; changing one makes ``--resume`` refuse the
 existing JSON (another configuration), so a study is never silently mixed.
@@ -92,9 +91,9 @@ STUDIES: dict[str, TaskStudy] = {
              "at 3.05 CPU-seconds a step)"),
     "rotten-tomatoes": TaskStudy(
         "rotten-tomatoes", (0.25, 0.5, 0.75, 1.0), train_size=1024, test_size=1000, fine_tuning=True,
-        note="1,024 training and 1,000 test snippets (issue 11 measured its setting on 512), so that a run "
-             "takes minutes on 2 cores; budgets down to 0.25, so that the frontier reaches below the fixed0.7-cache "
-             "variant's time (about 3x faster in issue 11)"),
+        note="1,024 training and 1,000 test snippets, so that a full run takes about 2 minutes on 2 cores (the "
+             "whole study about 100 minutes); budgets down to 0.25, so that the frontier reaches below the "
+             "fixed-depth variants' time (about 2.5x faster)"),
 }
 
 
