@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import gc
 import os
 import time
 from typing import Any, Callable, Optional
@@ -102,8 +101,8 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
 
 
 def _release_freed_memory() -> None:
-    """Collect garbage and return the C heap's free pages to the system (glibc; elsewhere a no-op)."""
-    gc.collect()
+    """Return the C heap's free pages to the system (glibc; elsewhere a no-op); the harness
+    collects garbage just before."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
